@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Idempotent set-up for a fresh Debian 12 machine (as root): system packages, the kernel-header links
+# BCC needs, and a venv (.venv) built from Debian's python3 so that Debian's `bcc` module imports.
+# A second run only checks stamps and returns in about a second.
+set -euo pipefail
+
+top=$(cd "$(dirname "$0")/.." && pwd)
+venv="$top/.venv"
+apt_packages=(python3 python3-venv python3-dev python3-bpfcc bpftool linux-headers-amd64 iproute2
+              procps openssl curl gcc make)
+
+log() { printf 'setup: %s\n' "$*" >&2; }
+
+missing_packages() {
+  local p
+  for p in "${apt_packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || printf '%s\n' "$p"
+  done
+}
+
+install_packages() {
+  local missing
+  missing=$(missing_packages)
+  [ -z "$missing" ] && return 0
+  if [ "$(id -u)" != 0 ]; then
+    log "missing Debian packages ($(echo $missing)); run this as root once"; exit 1
+  fi
+  log "installing Debian packages: $(echo $missing)"
+  apt-get update -q >/dev/null
+  # shellcheck disable=SC2086
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q $missing >/dev/null
+}
+
+# BCC compiles against /lib/modules/$(uname -r)/{build,source}. No Debian package matches this VM's
+# kernel, so point them at the newest Debian headers; that is enough for networking programs.
+link_kernel_headers() {
+  local mod="/lib/modules/$(uname -r)" build common
+  [ -e "$mod/build/include" ] && [ -e "$mod/source/include" ] && return 0
+  build=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n 1)
+  common=$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -n 1)
+  if [ -z "$build" ] || [ -z "$common" ]; then
+    log "no linux-headers under /usr/src: the eBPF data plane will be unavailable"; return 0
+  fi
+  [ "$(id -u)" = 0 ] || { log "cannot link kernel headers without root"; return 0; }
+  mkdir -p "$mod"
+  ln -sfn "$build" "$mod/build"
+  ln -sfn "$common" "$mod/source"
+  log "linked $mod/build -> $build and $mod/source -> $common"
+}
+
+make_venv() {
+  local stamp="$venv/.setup-stamp" want
+  want=$(cat "$top/pyproject.toml" | sha256sum | cut -d' ' -f1)
+  [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && return 0
+  log "creating venv in $venv"
+  # Debian's interpreter with system site-packages: the only way to import Debian's bcc module.
+  [ -x "$venv/bin/python" ] || /usr/bin/python3 -m venv --system-site-packages "$venv"
+  "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
+  "$venv/bin/python" -m pip install -q -e "$top[test]"
+  echo "$want" > "$stamp"
+}
+
+install_packages
+link_kernel_headers
+make_venv

@@ -1,0 +1,3 @@
+from sniproxy.cli import main
+
+raise SystemExit(main())
