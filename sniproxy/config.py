@@ -1,0 +1,675 @@
+# Owns the config language: TOML -> validated frozen dataclasses, and the route match/backend
+# syntax (parse_match/parse_backend, reused by routing.py). Pure stdlib; only load_config does I/O.
+# Invariant: a Config that exists is fully valid; each rejection is a ConfigError naming its key path.
+from __future__ import annotations
+
+import enum
+import ipaddress
+import json
+import math
+import os
+import re
+import tomllib
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "Address",
+    "BackendKind",
+    "BackendSpec",
+    "Config",
+    "ConfigError",
+    "EbpfConfig",
+    "LimitsConfig",
+    "ListenerConfig",
+    "LogConfig",
+    "MatchKind",
+    "MatchSpec",
+    "ResolverConfig",
+    "RouteConfig",
+    "TableConfig",
+    "is_hostname",
+    "load_config",
+    "normalize_hostname",
+    "parse_address",
+    "parse_backend",
+    "parse_config",
+    "parse_match",
+]
+
+
+class ConfigError(Exception):
+    """A configuration value was rejected. `key_path` names it ("" when no key applies)."""
+
+    def __init__(self, key_path: str, reason: str, *, source: str | None = None) -> None:
+        super().__init__(key_path, reason)
+        self.key_path = key_path
+        self.reason = reason
+        self.source = source  # file path when the error came from load_config, else None
+
+    def __str__(self) -> str:
+        parts = [p for p in (self.source, self.key_path) if p]
+        return ": ".join([*parts, self.reason])
+
+
+# --------------------------------------------------------------------------------------------------
+# Dataclasses
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str  # IP literal (canonical form, no brackets) or lower-case hostname
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    bind: Address
+    protocol: str
+    table: str
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    match: str
+    backend: str
+
+
+@dataclass(frozen=True)
+class TableConfig:
+    name: str
+    routes: tuple[RouteConfig, ...] = ()
+    fallback: Address | None = None
+
+
+@dataclass(frozen=True)
+class ResolverConfig:
+    nameservers: tuple[Address, ...] = ()  # empty: use the system resolver (/etc/resolv.conf)
+    timeout: float = 2.0
+    tries: int = 2
+    min_ttl: float = 1.0
+    max_ttl: float = 3600.0
+    negative_ttl: float = 5.0
+    cache_size: int = 10000
+    mode: str = "ipv4_first"
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    client_hello_timeout: float = 5.0
+    connect_timeout: float = 5.0
+    idle_timeout: float = 300.0
+    max_connections: int = 10000
+    max_client_hello_size: int = 16384
+    shutdown_grace: float = 30.0
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    format: str = "json"
+    level: str = "info"
+    access_log: bool = True
+
+
+@dataclass(frozen=True)
+class EbpfConfig:
+    splice: bool = True
+    pin_dir: str = "/sys/fs/bpf/sniproxy"
+
+
+@dataclass(frozen=True)
+class Config:
+    listeners: tuple[ListenerConfig, ...]
+    tables: Mapping[str, TableConfig]  # read-only (MappingProxyType), in file order
+    resolver: ResolverConfig = field(default_factory=ResolverConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    ebpf: EbpfConfig = field(default_factory=EbpfConfig)
+    source: str = "<string>"
+
+
+PROTOCOLS = ("tls",)
+RESOLVER_MODES = ("ipv4_first", "ipv6_first", "ipv4_only", "ipv6_only")
+LOG_FORMATS = ("json", "console")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+MIN_CLIENT_HELLO_SIZE = 512
+MAX_CLIENT_HELLO_SIZE = 1 << 24  # a handshake message length is 24 bits
+
+# --------------------------------------------------------------------------------------------------
+# Hostnames and addresses
+
+# One label: letters, digits, '_' and '-', 1..63 characters, no leading or trailing '-'.
+_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+_HOSTNAME_RE = re.compile(rf"(?:{_LABEL}\.)*{_LABEL}", re.ASCII)
+_TABLE_NAME_RE = re.compile(r"[A-Za-z0-9_-]+", re.ASCII)
+_BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+", re.ASCII)
+_PORT_RE = re.compile(r"[0-9]{1,5}", re.ASCII)
+
+
+def normalize_hostname(name: str) -> str:
+    """Lower-case and drop one trailing dot. Does not validate."""
+    name = name.lower()
+    return name[:-1] if name.endswith(".") else name
+
+
+def is_hostname(name: str) -> bool:
+    """True for a normalised (lower-case, no trailing dot) DNS hostname.
+
+    IP literals are not hostnames: a name whose last label is all digits is refused, so "10.0.0.1"
+    and "10.1" never pass as names (RFC 6066 also forbids IP literals in SNI).
+    """
+    if not 0 < len(name) <= 253 or _HOSTNAME_RE.fullmatch(name) is None:
+        return False
+    return not name.rpartition(".")[2].isdigit()
+
+
+def _ip_literal(text: str) -> str | None:
+    """Canonical form of an IPv4/IPv6 literal, or None when `text` is not one."""
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return None
+
+
+def _parse_port(text: str) -> int:
+    if _PORT_RE.fullmatch(text) is None:
+        raise ValueError(f"port must be a number 1..65535, got {text!r}")
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port must be 1..65535, got {port}")
+    return port
+
+
+def _parse_host(text: str) -> str:
+    ip = _ip_literal(text)
+    if ip is not None:
+        return ip
+    name = normalize_hostname(text)
+    if not is_hostname(name):
+        raise ValueError(f"{text!r} is neither an IP address nor a valid hostname")
+    return name
+
+
+def parse_address(text: str, *, default_port: int | None = None) -> Address:
+    """Parse "host:port", "[v6]:port" (or "host" / "[v6]" / bare v6 when default_port is given).
+
+    The host is an IP literal (returned in canonical form) or a hostname (lower-cased, one trailing
+    dot dropped). Raises ValueError with a human reason.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"expected a string address, got {type(text).__name__}")
+    if not text:
+        raise ValueError("empty address")
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0:
+            raise ValueError(f"missing ']' in {text!r}")
+        host, rest = text[1:close], text[close + 1 :]
+        try:
+            host = str(ipaddress.IPv6Address(host))
+        except ValueError:
+            raise ValueError(f"{host!r} in brackets is not an IPv6 address") from None
+        if rest == "" and default_port is not None:
+            return Address(host, default_port)
+        if not rest.startswith(":"):
+            raise ValueError(f"expected '[{host}]:port', got {text!r}")
+        return Address(host, _parse_port(rest[1:]))
+    if text.count(":") > 1:
+        # Unbracketed IPv6: only unambiguous when no port follows.
+        ip = _ip_literal(text)
+        if ip is not None and default_port is not None:
+            return Address(ip, default_port)
+        raise ValueError(f"IPv6 addresses need brackets and a port, like '[::1]:443', got {text!r}")
+    host, sep, port = text.partition(":")
+    if not sep:
+        if default_port is None:
+            raise ValueError(f"missing port in {text!r} (expected host:port)")
+        return Address(_parse_host(text), default_port)
+    if not host:
+        raise ValueError(f"missing host in {text!r}")
+    return Address(_parse_host(host), _parse_port(port))
+
+
+# --------------------------------------------------------------------------------------------------
+# Route syntax (shared with routing.py)
+
+
+class MatchKind(enum.Enum):
+    EXACT = "exact"  # "app.example.test"
+    WILDCARD = "wildcard"  # "*.example.test": one or more labels before the suffix
+    REGEX = "regex"  # "~pattern": fullmatch against the normalised name
+    CATCH_ALL = "catch_all"  # "*"
+
+
+@dataclass(frozen=True)
+class MatchSpec:
+    kind: MatchKind
+    # EXACT: the name; WILDCARD: the suffix without "*."; REGEX: the source; CATCH_ALL: "*"
+    value: str
+    regex: re.Pattern[str] | None = None
+
+
+class BackendKind(enum.Enum):
+    STATIC = "static"  # "host:port" / "[v6]:port"
+    SNI = "sni"  # "*:port": connect to the client's SNI name
+    TEMPLATE = "template"  # "$1.internal.test:port": regex captures substituted
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    kind: BackendKind
+    port: int
+    host: str = ""  # STATIC only
+    template: tuple[str | int, ...] = ()  # TEMPLATE only: literal text and capture group numbers
+
+
+def parse_match(text: str) -> MatchSpec:
+    """Parse a route `match` string. Raises ValueError with a reason."""
+    if not isinstance(text, str):
+        raise ValueError(f"expected a string, got {type(text).__name__}")
+    if text == "":
+        raise ValueError("empty match")
+    if text == "*":
+        return MatchSpec(MatchKind.CATCH_ALL, "*")
+    if text.startswith("~"):
+        source = text[1:]
+        if source == "":
+            raise ValueError("empty regex after '~'")
+        try:
+            regex = re.compile(source, re.IGNORECASE)
+        except re.error as e:
+            raise ValueError(f"invalid regex {source!r}: {e}") from None
+        return MatchSpec(MatchKind.REGEX, source, regex)
+    if text.startswith("*."):
+        suffix = normalize_hostname(text[2:])
+        if "*" in suffix or not is_hostname(suffix):
+            raise ValueError(f"wildcard suffix {text[2:]!r} is not a valid hostname")
+        return MatchSpec(MatchKind.WILDCARD, suffix)
+    if "*" in text:
+        raise ValueError(f"'*' is only allowed alone or as a leading '*.' label, got {text!r}")
+    name = normalize_hostname(text)
+    if _ip_literal(name) is not None:
+        raise ValueError(f"{text!r} is an IP address; SNI never carries IP addresses (RFC 6066)")
+    if not is_hostname(name):
+        raise ValueError(f"{text!r} is not a valid hostname")
+    return MatchSpec(MatchKind.EXACT, name)
+
+
+_CAPTURE_RE = re.compile(r"\$(.?)", re.DOTALL)
+
+
+def _parse_template(host: str, match: MatchSpec) -> tuple[str | int, ...]:
+    parts: list[str | int] = []
+    pos = 0
+    for m in _CAPTURE_RE.finditer(host):
+        if m.start() > pos:
+            parts.append(host[pos : m.start()].lower())
+        digit = m.group(1)
+        if not ("1" <= digit <= "9" and len(digit) == 1):
+            raise ValueError(f"'$' must be followed by a capture number 1..9 in {host!r}")
+        parts.append(int(digit))
+        pos = m.end()
+    if pos < len(host):
+        parts.append(host[pos:].lower())
+    if match.kind is not MatchKind.REGEX or match.regex is None:
+        raise ValueError("'$N' captures are only allowed when match is a '~regex'")
+    groups = match.regex.groups
+    for part in parts:
+        if isinstance(part, int) and part > groups:
+            raise ValueError(
+                f"${part} refers to capture group {part}, but the regex has {groups} group(s)"
+            )
+    # Check the shape with a stand-in for each capture; real captures are checked per connection.
+    sample = normalize_hostname("".join("x" if isinstance(p, int) else p for p in parts))
+    if not is_hostname(sample):
+        raise ValueError(f"template {host!r} cannot produce a valid hostname")
+    return tuple(parts)
+
+
+def parse_backend(text: str, match: MatchSpec) -> BackendSpec:
+    """Parse a route `backend` string for a route whose match is `match`. Raises ValueError.
+
+    "*:port" (connect to the SNI name) is allowed with every match kind except an exact name,
+    where the name is known and should be written out. "$N" templates need a regex match.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"expected a string, got {type(text).__name__}")
+    if text.startswith("*"):
+        host, sep, port = text.partition(":")
+        if host != "*" or not sep:
+            raise ValueError(f"dynamic backend must be '*:port', got {text!r}")
+        if match.kind is MatchKind.EXACT:
+            raise ValueError(
+                f"'*:port' is not allowed with an exact match; write '{match.value}:{port}'"
+            )
+        return BackendSpec(BackendKind.SNI, _parse_port(port))
+    if "$" in text:
+        host, sep, port = text.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"missing port in {text!r} (expected host:port)")
+        template = _parse_template(host, match)
+        return BackendSpec(BackendKind.TEMPLATE, _parse_port(port), template=template)
+    address = parse_address(text)
+    return BackendSpec(BackendKind.STATIC, address.port, host=address.host)
+
+
+# --------------------------------------------------------------------------------------------------
+# TOML -> Config
+
+_TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+
+
+def _type_name(value: object) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return _TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+def _join(path: str, key: str) -> str:
+    if _BARE_KEY_RE.fullmatch(key) is None:
+        key = json.dumps(key)
+    return f"{path}.{key}" if path else key
+
+
+_MISSING: Any = object()
+
+
+class _Section:
+    """One TOML table being read: typed getters that know their key path, and unknown-key checks."""
+
+    def __init__(self, data: object, path: str) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(path, f"expected a table, got {_type_name(data)}")
+        self.data: dict[str, Any] = data
+        self.path = path
+
+    def key(self, key: str) -> str:
+        return _join(self.path, key)
+
+    def check_keys(self, allowed: tuple[str, ...]) -> None:
+        for key in self.data:
+            if key not in allowed:
+                raise ConfigError(
+                    self.key(key), f"unknown key (expected one of: {', '.join(allowed)})"
+                )
+
+    def get(self, key: str, default: Any = _MISSING) -> Any:
+        if key in self.data:
+            return self.data[key]
+        if default is _MISSING:
+            raise ConfigError(self.key(key), "required key is missing")
+        return default
+
+    def string(self, key: str, default: Any = _MISSING, choices: tuple[str, ...] = ()) -> str:
+        value = self.get(key, default)
+        if not isinstance(value, str):
+            raise ConfigError(self.key(key), f"expected a string, got {_type_name(value)}")
+        if choices and value not in choices:
+            raise ConfigError(self.key(key), f"must be one of {', '.join(choices)}; got {value!r}")
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.get(key, default)
+        if not isinstance(value, bool):
+            raise ConfigError(self.key(key), f"expected true or false, got {_type_name(value)}")
+        return value
+
+    def integer(self, key: str, default: int, minimum: int, maximum: int | None = None) -> int:
+        value = self.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(self.key(key), f"expected an integer, got {_type_name(value)}")
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+            raise ConfigError(self.key(key), f"must be {bound}, got {value}")
+        return value
+
+    def number(self, key: str, default: float, *, positive: bool) -> float:
+        """A finite float (integers accepted); > 0 when `positive`, else >= 0."""
+        value = self.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(self.key(key), f"expected a number, got {_type_name(value)}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(self.key(key), f"must be a finite number, got {value}")
+        if positive and value <= 0:
+            raise ConfigError(self.key(key), f"must be > 0, got {value:g}")
+        if not positive and value < 0:
+            raise ConfigError(self.key(key), f"must be >= 0, got {value:g}")
+        return value
+
+    def array(self, key: str, default: Any = _MISSING) -> list[Any]:
+        value = self.get(key, default)
+        if not isinstance(value, list):
+            raise ConfigError(self.key(key), f"expected an array, got {_type_name(value)}")
+        return value
+
+
+def _address(value: object, key_path: str, *, default_port: int | None = None) -> Address:
+    if not isinstance(value, str):
+        raise ConfigError(key_path, f"expected a string address, got {_type_name(value)}")
+    try:
+        return parse_address(value, default_port=default_port)
+    except ValueError as e:
+        raise ConfigError(key_path, str(e)) from None
+
+
+_TOP_KEYS = ("listener", "table", "resolver", "limits", "log", "ebpf")
+_LISTENER_KEYS = ("bind", "protocol", "table")
+_TABLE_KEYS = ("routes", "fallback")
+_ROUTE_KEYS = ("match", "backend")
+_RESOLVER_KEYS = (
+    "nameservers", "timeout", "tries", "min_ttl", "max_ttl", "negative_ttl", "cache_size", "mode"
+)  # fmt: skip
+_LIMITS_KEYS = (
+    "client_hello_timeout", "connect_timeout", "idle_timeout", "max_connections",
+    "max_client_hello_size", "shutdown_grace",
+)  # fmt: skip
+_LOG_KEYS = ("format", "level", "access_log")
+_EBPF_KEYS = ("splice", "pin_dir")
+
+
+def _route(data: object, path: str) -> tuple[RouteConfig, MatchSpec]:
+    section = _Section(data, path)
+    section.check_keys(_ROUTE_KEYS)
+    match_text = section.string("match")
+    backend_text = section.string("backend")
+    try:
+        match = parse_match(match_text)
+    except ValueError as e:
+        raise ConfigError(section.key("match"), str(e)) from None
+    try:
+        parse_backend(backend_text, match)
+    except ValueError as e:
+        raise ConfigError(section.key("backend"), str(e)) from None
+    return RouteConfig(match_text, backend_text), match
+
+
+def _table(name: str, data: object, path: str) -> TableConfig:
+    if _TABLE_NAME_RE.fullmatch(name) is None:
+        raise ConfigError(path, "table names may only use letters, digits, '_' and '-'")
+    section = _Section(data, path)
+    section.check_keys(_TABLE_KEYS)
+    routes: list[RouteConfig] = []
+    seen: dict[tuple[MatchKind, str], int] = {}
+    catch_all: int | None = None
+    for i, item in enumerate(section.array("routes", [])):
+        route_path = f"{section.key('routes')}[{i}]"
+        route, match = _route(item, route_path)
+        if catch_all is not None:
+            raise ConfigError(
+                f"{route_path}.match",
+                f"unreachable: routes[{catch_all}] is '*' and matches every name first",
+            )
+        key = (match.kind, match.value)
+        if key in seen:
+            raise ConfigError(f"{route_path}.match", f"duplicate of routes[{seen[key]}]")
+        seen[key] = i
+        if match.kind is MatchKind.CATCH_ALL:
+            catch_all = i
+        routes.append(route)
+    fallback = None
+    if "fallback" in section.data:
+        fallback = _address(section.data["fallback"], section.key("fallback"))
+    return TableConfig(name=name, routes=tuple(routes), fallback=fallback)
+
+
+def _listener(data: object, path: str, tables: Mapping[str, TableConfig]) -> ListenerConfig:
+    section = _Section(data, path)
+    section.check_keys(_LISTENER_KEYS)
+    bind = _address(section.string("bind"), section.key("bind"))
+    if _ip_literal(bind.host) is None:
+        raise ConfigError(section.key("bind"), f"must be an IP address, got host {bind.host!r}")
+    protocol = section.string("protocol", "tls", choices=PROTOCOLS)
+    table = section.string("table", "default")
+    if table not in tables:
+        known = ", ".join(tables) or "none defined"
+        raise ConfigError(section.key("table"), f"no table named {table!r} (tables: {known})")
+    return ListenerConfig(bind=bind, protocol=protocol, table=table)
+
+
+def _resolver(data: object) -> ResolverConfig:
+    s = _Section(data, "resolver")
+    s.check_keys(_RESOLVER_KEYS)
+    nameservers = []
+    for i, item in enumerate(s.array("nameservers", [])):
+        key_path = f"resolver.nameservers[{i}]"
+        address = _address(item, key_path, default_port=53)
+        if _ip_literal(address.host) is None:
+            raise ConfigError(key_path, f"must be an IP address, got host {address.host!r}")
+        nameservers.append(address)
+    min_ttl = s.number("min_ttl", 1.0, positive=False)
+    max_ttl = s.number("max_ttl", 3600.0, positive=True)
+    if min_ttl > max_ttl:
+        raise ConfigError("resolver.max_ttl", f"must be >= min_ttl ({min_ttl:g}), got {max_ttl:g}")
+    return ResolverConfig(
+        nameservers=tuple(nameservers),
+        timeout=s.number("timeout", 2.0, positive=True),
+        tries=s.integer("tries", 2, minimum=1),
+        min_ttl=min_ttl,
+        max_ttl=max_ttl,
+        negative_ttl=s.number("negative_ttl", 5.0, positive=False),
+        cache_size=s.integer("cache_size", 10000, minimum=1),
+        mode=s.string("mode", "ipv4_first", choices=RESOLVER_MODES),
+    )
+
+
+def _limits(data: object) -> LimitsConfig:
+    s = _Section(data, "limits")
+    s.check_keys(_LIMITS_KEYS)
+    return LimitsConfig(
+        client_hello_timeout=s.number("client_hello_timeout", 5.0, positive=True),
+        connect_timeout=s.number("connect_timeout", 5.0, positive=True),
+        idle_timeout=s.number("idle_timeout", 300.0, positive=True),
+        max_connections=s.integer("max_connections", 10000, minimum=1),
+        max_client_hello_size=s.integer(
+            "max_client_hello_size", 16384, MIN_CLIENT_HELLO_SIZE, MAX_CLIENT_HELLO_SIZE
+        ),
+        shutdown_grace=s.number("shutdown_grace", 30.0, positive=False),
+    )
+
+
+def _log(data: object) -> LogConfig:
+    s = _Section(data, "log")
+    s.check_keys(_LOG_KEYS)
+    return LogConfig(
+        format=s.string("format", "json", choices=LOG_FORMATS),
+        level=s.string("level", "info", choices=LOG_LEVELS),
+        access_log=s.boolean("access_log", True),
+    )
+
+
+def _ebpf(data: object) -> EbpfConfig:
+    s = _Section(data, "ebpf")
+    s.check_keys(_EBPF_KEYS)
+    pin_dir = s.string("pin_dir", "/sys/fs/bpf/sniproxy")
+    if not pin_dir.startswith("/"):
+        raise ConfigError("ebpf.pin_dir", f"must be an absolute path, got {pin_dir!r}")
+    return EbpfConfig(splice=s.boolean("splice", True), pin_dir=pin_dir)
+
+
+def _build(doc: dict[str, Any], source: str) -> Config:
+    top = _Section(doc, "")
+    top.check_keys(_TOP_KEYS)
+
+    tables_section = _Section(top.get("table", {}), "table")
+    tables: dict[str, TableConfig] = {}
+    for name, data in tables_section.data.items():
+        tables[name] = _table(name, data, tables_section.key(name))
+
+    raw_listeners = top.get("listener", [])
+    if not isinstance(raw_listeners, list):
+        got = _type_name(raw_listeners)
+        raise ConfigError("listener", f"expected an array of tables ([[listener]]), got {got}")
+    if not raw_listeners:
+        raise ConfigError("listener", "at least one [[listener]] is required")
+    listeners: list[ListenerConfig] = []
+    binds: dict[Address, int] = {}
+    for i, item in enumerate(raw_listeners):
+        listener = _listener(item, f"listener[{i}]", tables)
+        if listener.bind in binds:
+            first = binds[listener.bind]
+            reason = f"{listener.bind} is already bound by listener[{first}]"
+            raise ConfigError(f"listener[{i}].bind", reason)
+        binds[listener.bind] = i
+        listeners.append(listener)
+
+    return Config(
+        listeners=tuple(listeners),
+        tables=types.MappingProxyType(tables),
+        resolver=_resolver(top.get("resolver", {})),
+        limits=_limits(top.get("limits", {})),
+        log=_log(top.get("log", {})),
+        ebpf=_ebpf(top.get("ebpf", {})),
+        source=source,
+    )
+
+
+_TOML_POSITION_RE = re.compile(r"\s*\(at (line \d+, column \d+|end of document)\)$")
+
+
+def parse_config(text: str, source: str = "<string>") -> Config:
+    """Parse and validate TOML text. Raises ConfigError.
+
+    When `source` is not "<string>", errors carry it and their message is prefixed with it.
+    """
+    error_source = None if source == "<string>" else source
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        message = str(e)
+        m = _TOML_POSITION_RE.search(message)
+        key_path = ""
+        if m is not None:
+            message = message[: m.start()]
+            key_path = m.group(1) if m.group(1).startswith("line") else ""
+        raise ConfigError(key_path, f"invalid TOML: {message}", source=error_source) from None
+    try:
+        return _build(doc, source)
+    except ConfigError as e:
+        e.source = error_source
+        raise
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a TOML file. Every failure, including I/O, is a ConfigError."""
+    source = os.fspath(path)
+    try:
+        with open(source, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        reason = f"cannot read config file: {e.strerror or e}"
+        raise ConfigError("", reason, source=source) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError("", f"not valid UTF-8 (byte {e.start})", source=source) from None
+    return parse_config(text, source)

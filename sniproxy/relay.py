@@ -1,0 +1,186 @@
+# Moves a connection's bytes once the ClientHello has been routed: CopyRelay copies in userspace,
+# SpliceRelay (sniproxy.splice_relay) hands the sockets to the kernel. Both take ownership of the two
+# sockets, deliver `first` to the backend before anything else, and close both sockets before returning.
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import socket
+import time
+from typing import Protocol
+
+
+class Outcome(str, enum.Enum):
+    """How a relayed connection ended (the access log's `outcome` field)."""
+
+    CLOSED = "closed"  # both directions finished with FIN
+    CLIENT_RESET = "client_reset"
+    BACKEND_RESET = "backend_reset"
+    IDLE_TIMEOUT = "idle_timeout"
+    SHUTDOWN = "shutdown"  # cut by the server's drain deadline
+
+
+@dataclasses.dataclass
+class RelayResult:
+    mode: str  # "copy" or "splice"
+    bytes_up: int  # client -> backend, including the ClientHello
+    bytes_down: int  # backend -> client
+    outcome: Outcome
+    fallback_reason: str | None = None  # why a splice was attempted but the copy path carried it
+
+
+class Relay(Protocol):
+    mode: str
+
+    async def relay(
+        self, client: socket.socket, backend: socket.socket, first: bytes, idle_timeout: float
+    ) -> RelayResult: ...
+
+
+# Past this much unsent data towards one side, reading from the other side pauses: memory per
+# connection stays bounded whatever the speed difference between client and backend.
+_WRITE_HIGH_WATER = 256 * 1024
+_WRITE_LOW_WATER = 64 * 1024
+
+
+class _Side(asyncio.Protocol):
+    """One socket of a copied pair; forwards what it reads to its peer's transport."""
+
+    def __init__(self, relay: _CopiedPair, name: str) -> None:
+        self.pair = relay
+        self.name = name
+        self.peer: _Side | None = None
+        self.transport: asyncio.Transport | None = None
+        self.received = 0
+        self.eof = False
+        self.lost: asyncio.Future[BaseException | None] = relay.loop.create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement the Transport interface without subclassing it.
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(_WRITE_HIGH_WATER, _WRITE_LOW_WATER)
+
+    def data_received(self, data: bytes) -> None:
+        self.received += len(data)
+        self.pair.last_activity = time.monotonic()
+        assert self.peer is not None and self.peer.transport is not None
+        self.peer.transport.write(data)
+
+    def eof_received(self) -> bool:
+        # Half-close: pass the FIN on (after the peer's buffer drains) and keep the other way open.
+        self.eof = True
+        assert self.peer is not None and self.peer.transport is not None
+        if not self.peer.transport.is_closing():
+            self.peer.transport.write_eof()
+        self.pair.maybe_finish()
+        return True
+
+    # The peer's transport calls these on our protocol when *our* outgoing buffer fills or drains;
+    # the fix is to stop reading from the peer, which is what feeds that buffer.
+    def pause_writing(self) -> None:
+        if self.peer and self.peer.transport and not self.peer.transport.is_closing():
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer and self.peer.transport and not self.peer.transport.is_closing():
+            self.peer.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(exc)
+        if exc is not None:
+            self.pair.reset_by(self)
+        self.pair.maybe_finish()
+
+
+class _CopiedPair:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.client = _Side(self, "client")
+        self.backend = _Side(self, "backend")
+        self.client.peer, self.backend.peer = self.backend, self.client
+        self.last_activity = time.monotonic()
+        self.outcome: Outcome | None = None
+
+    def reset_by(self, side: _Side) -> None:
+        if self.outcome is None:
+            self.outcome = Outcome.CLIENT_RESET if side is self.client else Outcome.BACKEND_RESET
+        self.abort()
+
+    def maybe_finish(self) -> None:
+        if self.client.eof and self.backend.eof:
+            self.outcome = self.outcome or Outcome.CLOSED
+            # close() flushes what is still buffered before closing the socket.
+            for side in (self.client, self.backend):
+                if side.transport is not None:
+                    side.transport.close()
+        elif self.client.lost.done() or self.backend.lost.done():
+            # One socket is gone for good (error or both halves closed on it): nothing more can flow.
+            for side in (self.client, self.backend):
+                if side.transport is not None and not side.transport.is_closing():
+                    side.transport.close()
+
+    def abort(self) -> None:
+        for side in (self.client, self.backend):
+            if side.transport is not None:
+                side.transport.abort()
+
+
+class CopyRelay:
+    """Userspace copy with backpressure and half-close; the fallback for every splice failure."""
+
+    mode = "copy"
+
+    async def relay(
+        self,
+        client: socket.socket,
+        backend: socket.socket,
+        first: bytes,
+        idle_timeout: float,
+        fallback_reason: str | None = None,
+    ) -> RelayResult:
+        loop = asyncio.get_running_loop()
+        pair = _CopiedPair(loop)
+        try:
+            await loop.connect_accepted_socket(lambda: pair.backend, backend)
+        except BaseException:
+            client.close()
+            backend.close()
+            raise
+        try:
+            await loop.connect_accepted_socket(lambda: pair.client, client)
+        except BaseException:
+            client.close()
+            pair.abort()
+            raise
+        assert pair.backend.transport is not None
+        if first:
+            pair.backend.transport.write(first)
+        try:
+            await self._wait(pair, idle_timeout)
+        except asyncio.CancelledError:
+            pair.outcome = pair.outcome or Outcome.SHUTDOWN
+            pair.abort()
+            raise
+        return RelayResult(
+            mode=self.mode,
+            bytes_up=len(first) + pair.client.received,
+            bytes_down=pair.backend.received,
+            outcome=pair.outcome or Outcome.CLOSED,
+            fallback_reason=fallback_reason,
+        )
+
+    @staticmethod
+    async def _wait(pair: _CopiedPair, idle_timeout: float) -> None:
+        both_lost = asyncio.gather(pair.client.lost, pair.backend.lost)
+        while True:
+            remaining = pair.last_activity + idle_timeout - time.monotonic()
+            if remaining <= 0:
+                pair.outcome = pair.outcome or Outcome.IDLE_TIMEOUT
+                pair.abort()
+                await both_lost
+                return
+            done, _ = await asyncio.wait({both_lost}, timeout=remaining)
+            if done:
+                return

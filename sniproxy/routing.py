@@ -1,0 +1,139 @@
+# Owns route selection: a TableConfig compiled into a RouteTable that maps an SNI name to a Route.
+# Invariant: pure and total: route() never raises, the first matching rule in config order wins,
+# and a dynamic Route's host is always a valid hostname (never an IP literal taken from the client).
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sniproxy.config import (
+    BackendKind,
+    BackendSpec,
+    MatchKind,
+    MatchSpec,
+    TableConfig,
+    is_hostname,
+    normalize_hostname,
+    parse_backend,
+    parse_match,
+)
+
+__all__ = ["Route", "RouteTable"]
+
+FALLBACK_RULE = "fallback"
+
+
+@dataclass(frozen=True)
+class Route:
+    host: str  # backend host (IP literal or hostname), SNI/captures substituted, lower-cased
+    port: int
+    rule: str  # the `match` string that selected it, or "fallback"
+    dynamic: bool  # host came from the client's SNI ("*:port" or "$N" captures)
+
+
+@dataclass(frozen=True)
+class _Rule:
+    index: int  # position in the table: lower wins
+    pattern: str  # the raw `match` string, reported as Route.rule
+    match: MatchSpec
+    backend: BackendSpec
+
+    def target(self, name: str, captures: tuple[str | None, ...] = ()) -> Route | None:
+        """The Route for `name` (already matched), or None when a capture yields no valid host."""
+        backend = self.backend
+        if backend.kind is BackendKind.STATIC:
+            return Route(backend.host, backend.port, self.pattern, dynamic=False)
+        if backend.kind is BackendKind.SNI:
+            return Route(name, backend.port, self.pattern, dynamic=True)
+        pieces: list[str] = []
+        for part in backend.template:
+            if isinstance(part, int):
+                value = captures[part - 1] if part <= len(captures) else None
+                if not value:
+                    return None  # group did not take part, or captured nothing
+                pieces.append(value.lower())
+            else:
+                pieces.append(part)
+        host = normalize_hostname("".join(pieces))
+        if not is_hostname(host):
+            return None
+        return Route(host, backend.port, self.pattern, dynamic=True)
+
+
+class RouteTable:
+    """Compiled routes of one table. Exact names and wildcard suffixes are dict lookups; regex and
+    catch-all rules are scanned in order, but only those that come before the best lookup hit."""
+
+    def __init__(self, name: str, rules: tuple[_Rule, ...], fallback: Route | None) -> None:
+        self.name = name
+        self._rules = rules
+        self._fallback = fallback
+        self._exact: dict[str, _Rule] = {}
+        self._wildcard: dict[str, _Rule] = {}  # suffix ("example.test") -> first rule
+        self._scanned: list[_Rule] = []  # regex and catch-all rules, in order
+        for rule in rules:
+            kind = rule.match.kind
+            if kind is MatchKind.EXACT:
+                self._exact.setdefault(rule.match.value, rule)
+            elif kind is MatchKind.WILDCARD:
+                self._wildcard.setdefault(rule.match.value, rule)
+            else:
+                self._scanned.append(rule)
+
+    @classmethod
+    def from_config(cls, table: TableConfig) -> RouteTable:
+        """Compile a TableConfig. Raises ValueError if it holds a route that config would refuse."""
+        rules = []
+        for index, route in enumerate(table.routes):
+            match = parse_match(route.match)
+            rules.append(_Rule(index, route.match, match, parse_backend(route.backend, match)))
+        fallback = None
+        if table.fallback is not None:
+            fallback = Route(
+                table.fallback.host.lower(), table.fallback.port, FALLBACK_RULE, dynamic=False
+            )
+        return cls(table.name, tuple(rules), fallback)
+
+    @property
+    def fallback(self) -> Route | None:
+        return self._fallback
+
+    def __len__(self) -> int:
+        return len(self._rules)
+
+    def route(self, sni: str | None) -> Route | None:
+        """The Route for a client's SNI (None: the client sent none), or None: refuse the client.
+
+        Names compare case-insensitively, ignoring one trailing dot. A name that is not a valid
+        hostname (including IP literals) matches no rule, exactly like a missing SNI.
+        """
+        if not isinstance(sni, str):
+            return self._fallback
+        name = normalize_hostname(sni)
+        if not is_hostname(name):
+            return self._fallback
+        route = self._match(name)
+        return route if route is not None else self._fallback
+
+    def _match(self, name: str) -> Route | None:
+        best = self._exact.get(name)
+        dot = name.find(".")
+        while dot >= 0:
+            rule = self._wildcard.get(name[dot + 1 :])
+            if rule is not None and (best is None or rule.index < best.index):
+                best = rule
+            dot = name.find(".", dot + 1)
+        limit = best.index if best is not None else len(self._rules)
+        for rule in self._scanned:
+            if rule.index >= limit:
+                break
+            if rule.match.kind is MatchKind.CATCH_ALL:
+                route = rule.target(name)
+            else:
+                assert rule.match.regex is not None
+                m = rule.match.regex.fullmatch(name)
+                if m is None:
+                    continue
+                route = rule.target(name, m.groups())
+            if route is not None:
+                return route
+        return best.target(name) if best is not None else None

@@ -1,0 +1,233 @@
+# The server's lifecycle: bind listeners, accept, hold the set of live connections, reload on SIGHUP,
+# drain on SIGTERM/SIGINT. Signal handlers only set events; the serve() coroutine does the work.
+# Invariant: every accepted socket becomes a tracked Connection task or is closed (and logged) at once.
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import errno
+import signal
+import socket
+from dataclasses import dataclass, field
+
+import structlog
+
+from sniproxy.config import Config, ConfigError, ListenerConfig, load_config
+from sniproxy.connection import Connection, Policy, access_log
+from sniproxy.relay import CopyRelay, Relay
+from sniproxy.resolver import Resolver
+from sniproxy.routing import RouteTable
+
+log = structlog.get_logger("sniproxy.server")
+
+_ACCEPT_BATCH = 64
+# After EMFILE/ENFILE the listening socket stays readable; stop watching it for a moment instead of
+# spinning on accept() at 100% CPU.
+_ACCEPT_BACKOFF = 0.1
+
+
+def _listener_name(listener: ListenerConfig) -> str:
+    host = listener.bind.host
+    return f"[{host}]:{listener.bind.port}" if ":" in host else f"{host}:{listener.bind.port}"
+
+
+def bind_listener(listener: ListenerConfig, backlog: int = 4096) -> socket.socket:
+    family = socket.AF_INET6 if ":" in listener.bind.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            # "[::]" means IPv6 only; an IPv4 listener is configured separately, so both can coexist.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((listener.bind.host, listener.bind.port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def build_policies(config: Config) -> dict[str, Policy]:
+    """One Policy per listener name; a pure function of the config so reload can swap them whole."""
+    tables = {name: RouteTable.from_config(table) for name, table in config.tables.items()}
+    return {
+        _listener_name(listener): Policy(table=tables[listener.table], limits=config.limits)
+        for listener in config.listeners
+    }
+
+
+@dataclass
+class _Listening:
+    name: str
+    sock: socket.socket
+    paused: bool = False
+
+
+@dataclass
+class Server:
+    config: Config
+    relay: Relay = field(default_factory=CopyRelay)
+    resolver: Resolver | None = None
+    reloads: int = 0
+
+    def __post_init__(self) -> None:
+        self._policies = build_policies(self.config)
+        self._listening: list[_Listening] = []
+        self._connections: set[asyncio.Task[None]] = set()
+        self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
+        self.rejected_over_limit = 0
+        if self.resolver is None:
+            self.resolver = Resolver(self.config.resolver)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def bind(self) -> None:
+        """Bind every listener; all or nothing, so a failed start leaves no port half-open."""
+        try:
+            for listener in self.config.listeners:
+                self._listening.append(_Listening(_listener_name(listener), bind_listener(listener)))
+        except BaseException:
+            self._close_listeners()
+            raise
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        return [entry.sock.getsockname()[:2] for entry in self._listening]
+
+    @property
+    def live_connections(self) -> int:
+        return len(self._connections)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def request_reload(self) -> None:
+        self._reload.set()
+
+    async def serve(self, install_signal_handlers: bool = True) -> None:
+        """Accept until asked to stop, then drain. bind() must have been called."""
+        loop = asyncio.get_running_loop()
+        handled: list[signal.Signals] = []
+        if install_signal_handlers:
+            for sig, action in ((signal.SIGTERM, self.request_stop), (signal.SIGINT, self.request_stop),
+                                (signal.SIGHUP, self.request_reload)):
+                loop.add_signal_handler(sig, action)
+                handled.append(sig)
+        for entry in self._listening:
+            self._watch(entry)
+        log.info("listening", listeners=[e.name for e in self._listening], relay=self.relay.mode)
+        try:
+            while not self._stop.is_set():
+                stop_wait = asyncio.ensure_future(self._stop.wait())
+                reload_wait = asyncio.ensure_future(self._reload.wait())
+                try:
+                    await asyncio.wait({stop_wait, reload_wait}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    stop_wait.cancel()
+                    reload_wait.cancel()
+                if self._reload.is_set() and not self._stop.is_set():
+                    self._reload.clear()
+                    self.reload()
+        finally:
+            for sig in handled:
+                loop.remove_signal_handler(sig)
+            await self._drain()
+
+    def reload(self) -> bool:
+        """Re-read the config file; new connections use it, established ones keep what they had."""
+        try:
+            config = load_config(self.config.source)
+            policies = build_policies(config)
+        except ConfigError as exc:
+            log.error("reload_failed", error=str(exc), kept="previous configuration")
+            return False
+        if config.listeners != self.config.listeners:
+            missing = {lst.table for lst in self.config.listeners} - set(config.tables)
+            if missing:
+                log.error("reload_failed", kept="previous configuration",
+                          error=f"listener changes need a restart, and the running listeners' "
+                                f"tables {sorted(missing)} are gone from the new file")
+                return False
+            log.warning("reload_listeners_unchanged",
+                        reason="listener changes need a restart; routes and limits were reloaded")
+            config = _with_listeners(config, self.config.listeners)
+            policies = build_policies(config)
+        self.config = config
+        self._policies = policies
+        self.reloads += 1
+        log.info("reloaded", source=config.source, reloads=self.reloads)
+        return True
+
+    async def _drain(self) -> None:
+        self._close_listeners()
+        grace = self.config.limits.shutdown_grace
+        if self._connections:
+            log.info("draining", connections=len(self._connections), grace_seconds=grace)
+            _done, pending = await asyncio.wait(set(self._connections), timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        if self.resolver is not None:
+            await self.resolver.close()
+        log.info("stopped")
+
+    def _close_listeners(self) -> None:
+        loop = asyncio.get_event_loop()
+        for entry in self._listening:
+            if not entry.paused:
+                loop.remove_reader(entry.sock.fileno())
+            entry.sock.close()
+        self._listening.clear()
+
+    # -- accepting ------------------------------------------------------------------------------
+
+    def _watch(self, entry: _Listening) -> None:
+        entry.paused = False
+        asyncio.get_running_loop().add_reader(entry.sock.fileno(), self._accept, entry)
+
+    def _accept(self, entry: _Listening) -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                client, address = entry.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warning("accept_paused", listener=entry.name, error=exc.strerror,
+                                retry_seconds=_ACCEPT_BACKOFF)
+                    loop.remove_reader(entry.sock.fileno())
+                    entry.paused = True
+                    loop.call_later(_ACCEPT_BACKOFF, self._resume_accept, entry)
+                    return
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue
+                raise
+            self._start_connection(entry, client, address)
+
+    def _resume_accept(self, entry: _Listening) -> None:
+        if entry in self._listening and entry.paused:
+            self._watch(entry)
+
+    def _start_connection(self, entry: _Listening, client: socket.socket, address: tuple) -> None:
+        client.setblocking(False)
+        policy = self._policies[entry.name]
+        if len(self._connections) >= policy.limits.max_connections:
+            self.rejected_over_limit += 1
+            client.close()
+            access_log.info("access", client=f"{address[0]}:{address[1]}", listener=entry.name,
+                            outcome="over_limit", state="accepted", bytes_up=0, bytes_down=0)
+            return
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        assert self.resolver is not None
+        connection = Connection(client, address, entry.name, policy, self.resolver, self.relay)
+        task = asyncio.get_running_loop().create_task(connection.handle())
+        self._connections.add(task)
+        task.add_done_callback(self._connections.discard)
+
+
+def _with_listeners(config: Config, listeners: tuple[ListenerConfig, ...]) -> Config:
+    return dataclasses.replace(config, listeners=listeners)
