@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import errno
+import os
 import socket
 import time
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ class Policy:
 
     table: RouteTable
     limits: LimitsConfig
+    access_log: bool = True
 
 
 class _Rejected(Exception):
@@ -146,24 +148,30 @@ class Connection:
             raise _Rejected("client_reset", f"client reset before a complete ClientHello: {exc}") from None
 
     async def _connect(self, addresses: list[str]) -> socket.socket:
+        """Try each address in turn within one connect_timeout; a dead address gets its share of the
+        time left, so one black hole cannot use up the whole budget."""
         assert self.route is not None
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.policy.limits.connect_timeout
         errors: list[str] = []
-        for address in addresses:
+        for index, address in enumerate(addresses):
             family = socket.AF_INET6 if ":" in address else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             target = (address, self.route.port)
             self.backend_address = target
+            share = (deadline - loop.time()) / (len(addresses) - index)
+            sock = socket.socket(family, socket.SOCK_STREAM)
             try:
-                async with asyncio.timeout(self.policy.limits.connect_timeout):
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                async with asyncio.timeout(share):
                     await loop.sock_connect(sock, target)
                 return sock
             except TimeoutError:
                 errors.append(f"{_peer_text(target)}: connect timeout")
             except OSError as exc:
-                errors.append(f"{_peer_text(target)}: {exc.strerror or exc}")
+                # uvloop's message is "Connect call failed"; the errno says why.
+                why = os.strerror(exc.errno) if exc.errno else str(exc)
+                errors.append(f"{_peer_text(target)}: {why}")
             except BaseException:
                 sock.close()
                 raise
@@ -181,6 +189,8 @@ class Connection:
                 raise
 
     def _log(self, outcome: str, reason: str | None, result: RelayResult | None) -> None:
+        if not self.policy.access_log:
+            return
         hello = self.hello
         event: dict[str, Any] = {
             "client": _peer_text(self.client_address),

@@ -148,15 +148,17 @@ class CopyRelay:
             client.close()
             backend.close()
             raise
+        # `first` goes out before the client side is read at all, so nothing the client sends later
+        # (not even its FIN, which may already be queued) can overtake it.
+        assert pair.backend.transport is not None
+        if first:
+            pair.backend.transport.write(first)
         try:
             await loop.connect_accepted_socket(lambda: pair.client, client)
         except BaseException:
             client.close()
             pair.abort()
             raise
-        assert pair.backend.transport is not None
-        if first:
-            pair.backend.transport.write(first)
         try:
             await self._wait(pair, idle_timeout)
         except asyncio.CancelledError:

@@ -52,7 +52,8 @@ def build_policies(config: Config) -> dict[str, Policy]:
     """One Policy per listener name; a pure function of the config so reload can swap them whole."""
     tables = {name: RouteTable.from_config(table) for name, table in config.tables.items()}
     return {
-        _listener_name(listener): Policy(table=tables[listener.table], limits=config.limits)
+        _listener_name(listener): Policy(table=tables[listener.table], limits=config.limits,
+                                         access_log=config.log.access_log)
         for listener in config.listeners
     }
 

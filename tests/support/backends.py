@@ -130,9 +130,11 @@ class DataBackend:
         try:
             header = await reader.readexactly(5)
             await reader.readexactly(int.from_bytes(header[3:5], "big"))
-            # The client's first line after its hello says how much to send back and the seed.
+            # The client's first line after its hello: how much to send back, the seed, and whether to
+            # wait for the client's FIN before answering (a half-close request/response).
             spec = (await reader.readline()).split()
             down, seed = int(spec[0]), int(spec[1])
+            after_eof = len(spec) > 2 and spec[2] == b"after_eof"
             up_hash = hashlib.sha256()
             received = 0
 
@@ -147,7 +149,11 @@ class DataBackend:
                     writer.write(chunk)
                     await writer.drain()
 
-            await asyncio.gather(read_all(), write_all())
+            if after_eof:
+                await read_all()
+                await write_all()
+            else:
+                await asyncio.gather(read_all(), write_all())
             writer.write_eof()
             await writer.drain()
             self.results.append({"received": received, "sha256": up_hash.hexdigest()})
@@ -181,3 +187,34 @@ def pattern_digest(total: int, seed: int) -> str:
     for chunk in pattern_chunks(total, seed):
         h.update(chunk)
     return h.hexdigest()
+
+
+async def data_client(host: str, port: int, sni: str, up: int, down: int, seed: int,
+                      after_eof: bool = False, timeout: float = 120.0, pause: float = 0.0) -> dict:
+    """Real ClientHello, then `up` pattern bytes and a FIN, while reading the backend's `down` bytes.
+    Returns what arrived: byte count and sha256, for comparison with pattern_digest(). `pause` sleeps
+    between 256 KiB chunks, to keep a transfer going for a while."""
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
+        writer.write(real_client_hello(sni))
+        writer.write(f"{down} {seed}{' after_eof' if after_eof else ''}\n".encode())
+        down_hash = hashlib.sha256()
+        received = 0
+
+        async def send() -> None:
+            for chunk in pattern_chunks(up, seed + 1):
+                writer.write(chunk)
+                await writer.drain()
+                if pause:
+                    await asyncio.sleep(pause)
+            writer.write_eof()
+
+        async def receive() -> None:
+            nonlocal received
+            while chunk := await reader.read(1 << 18):
+                received += len(chunk)
+                down_hash.update(chunk)
+
+        await asyncio.gather(send(), receive())
+        writer.close()
+        return {"received": received, "sha256": down_hash.hexdigest()}

@@ -1,0 +1,25 @@
+# The README's commands. Each target does its own idempotent set-up first (scripts/setup.sh).
+PY := .venv/bin/python
+CONFIG ?= config.toml
+PYTEST_ARGS ?=
+
+.PHONY: setup run test check bench clean
+
+setup:
+	@bash scripts/setup.sh
+
+run: setup
+	$(PY) -m sniproxy run -c $(CONFIG)
+
+check: setup
+	$(PY) -m sniproxy check -c $(CONFIG)
+
+# The whole suite: unit, integration (real TLS, real DNS on loopback) and kernel (real eBPF, as root).
+test: setup
+	$(PY) -m pytest -ra $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf .venv .pytest_cache .hypothesis

@@ -1,0 +1,143 @@
+# SpliceTable: puts a pair of connected TCP sockets into the kernel's splice maps and takes them out
+# again. Invariant: a pair is either fully present (sk_cookie, conn_stats, conn_ctl, conn_map for both,
+# then sock_map for both) or absent; add_pair rolls back on any failure, remove deletes every entry.
+from __future__ import annotations
+
+import ctypes as ct
+import dataclasses
+import errno
+import socket
+import time
+from collections.abc import Callable
+
+from . import maps
+from .errors import SpliceError, SpliceTableFull, SpliceUnavailable
+
+SO_COOKIE = 57
+
+
+def socket_cookie(sock: socket.socket) -> int:
+    return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8), "little")
+
+
+@dataclasses.dataclass(frozen=True)
+class SplicedPair:
+    a_fd: int
+    b_fd: int
+    a_cookie: int
+    b_cookie: int
+
+
+@dataclasses.dataclass(frozen=True)
+class PairStats:
+    """Final per-socket counters of a removed pair."""
+
+    a: dict[str, int]
+    b: dict[str, int]
+
+    @property
+    def bytes_a_to_b(self) -> int:
+        return self.b["tx_bytes"]  # everything that left through b came from a (or from userspace for a)
+
+    @property
+    def bytes_b_to_a(self) -> int:
+        return self.a["tx_bytes"]
+
+
+def _splice_error(err: OSError, what: str) -> SpliceError:
+    code = err.errno
+    if code == errno.EOPNOTSUPP:
+        return SpliceUnavailable(f"{what}: socket not ESTABLISHED (EOPNOTSUPP)", code)
+    if code in (errno.E2BIG, errno.ENOSPC, errno.ENOMEM):
+        return SpliceTableFull(f"{what}: map full ({errno.errorcode.get(code, code)})", code)
+    return SpliceError(f"{what}: {err.strerror or err}", code)
+
+
+class SpliceTable:
+    """Typed access to sock_map, conn_map, conn_stats, conn_ctl and sk_cookie of one DataPlane."""
+
+    def __init__(self, fds: dict[str, int], events_fd: int = -1,
+                 read_events: Callable[[], list[maps.SpliceEvent]] | None = None) -> None:
+        self._fds = fds
+        self.events_fd = events_fd
+        self._read_events = read_events or (lambda: [])
+
+    # -- pairs ---------------------------------------------------------------------------------
+    def add_pair(self, a: socket.socket, b: socket.socket) -> SplicedPair:
+        """Insert both sockets. Both directions start held (conn_ctl.release_at = HOLD_ALL): the verdict
+        leaves every byte to userspace until release(). Raises SpliceError (nothing left behind)."""
+        pair = SplicedPair(a.fileno(), b.fileno(), socket_cookie(a), socket_cookie(b))
+        now = time.monotonic_ns()  # CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns
+        undo: list[Callable[[], None]] = []
+        f = self._fds
+        try:
+            for fd, cookie, peer in ((pair.a_fd, pair.a_cookie, pair.b_cookie),
+                                     (pair.b_fd, pair.b_cookie, pair.a_cookie)):
+                maps.update(f["sk_cookie"], ct.c_int(fd), maps.SockTag(cookie), what="sk_cookie")
+                undo.append(lambda fd=fd: maps.delete(f["sk_cookie"], ct.c_int(fd)))
+                stats = maps.ConnStats(peer=peer, start_ns=now, last_ns=now)
+                maps.update(f["conn_stats"], ct.c_uint64(cookie), stats, maps.BPF_NOEXIST, what="conn_stats")
+                undo.append(lambda c=cookie: maps.delete(f["conn_stats"], ct.c_uint64(c)))
+                maps.update(f["conn_ctl"], ct.c_uint64(cookie), maps.ConnCtl(maps.SNIPROXY_HOLD_ALL),
+                            what="conn_ctl")
+                undo.append(lambda c=cookie: maps.delete(f["conn_ctl"], ct.c_uint64(c)))
+                maps.update(f["conn_map"], ct.c_uint64(cookie), ct.c_uint64(peer), maps.BPF_NOEXIST,
+                            what="conn_map")
+                undo.append(lambda c=cookie: maps.delete(f["conn_map"], ct.c_uint64(c)))
+            for fd, cookie in ((pair.a_fd, pair.a_cookie), (pair.b_fd, pair.b_cookie)):
+                maps.update(f["sock_map"], ct.c_uint64(cookie), ct.c_uint32(fd), maps.BPF_NOEXIST,
+                            what="sock_map")
+                undo.append(lambda c=cookie: maps.delete(f["sock_map"], ct.c_uint64(c)))
+        except maps.MapError as e:
+            for fn in reversed(undo):
+                try:
+                    fn()
+                except maps.MapError:
+                    pass
+            raise _splice_error(e, str(e).split(":")[0]) from e
+        return pair
+
+    def remove(self, pair: SplicedPair) -> PairStats:
+        """Take the pair out of every map (sock_map first) and return its final counters."""
+        f = self._fds
+        for cookie in (pair.a_cookie, pair.b_cookie):
+            maps.delete(f["sock_map"], ct.c_uint64(cookie))
+        a = self.stats(pair.a_cookie)
+        b = self.stats(pair.b_cookie)
+        for cookie in (pair.a_cookie, pair.b_cookie):
+            maps.delete(f["conn_map"], ct.c_uint64(cookie))
+            maps.delete(f["conn_ctl"], ct.c_uint64(cookie))
+            maps.delete(f["conn_stats"], ct.c_uint64(cookie))
+        for fd in (pair.a_fd, pair.b_fd):
+            try:
+                maps.delete(f["sk_cookie"], ct.c_int(fd))
+            except maps.MapError:
+                pass  # fd already closed: the storage went with the socket
+        return PairStats(a=(a or maps.ConnStats()).as_dict(), b=(b or maps.ConnStats()).as_dict())
+
+    # -- per-socket state -------------------------------------------------------------------------
+    def stats(self, cookie: int) -> maps.ConnStats | None:
+        value = maps.ConnStats()
+        return value if maps.lookup(self._fds["conn_stats"], ct.c_uint64(cookie), value) else None
+
+    def release(self, cookie: int, release_at: int) -> None:
+        """Let the verdict redirect again once conn_stats.pass_bytes == release_at (userspace has
+        forwarded exactly that many of the bytes the verdict left to it)."""
+        maps.update(self._fds["conn_ctl"], ct.c_uint64(cookie), maps.ConnCtl(release_at), maps.BPF_EXIST,
+                    what="conn_ctl")
+
+    def hold(self, cookie: int) -> None:
+        self.release(cookie, maps.SNIPROXY_HOLD_ALL)
+
+    def read_events(self) -> list[maps.SpliceEvent]:
+        """Hold notifications written by the verdict since the last call."""
+        return self._read_events()
+
+    # -- inspection -------------------------------------------------------------------------------
+    def traffic(self) -> maps.TrafficStats:
+        return maps.read_traffic(self._fds["traffic_stats"])
+
+    def entries(self) -> dict[str, int]:
+        """Number of keys in each per-connection map (0 everywhere when no connection is spliced)."""
+        return {name: len(maps.keys_u64(self._fds[name]))
+                for name in ("sock_map", "conn_map", "conn_stats", "conn_ctl")}

@@ -1,0 +1,53 @@
+# A backend that cannot be reached, or a name that does not resolve: the client is closed promptly,
+# the access log says why, and other clients are unaffected.
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from tests.conftest import free_port
+from tests.support import configs
+from tests.support.backends import TlsBackend, client_context, real_client_hello, server_context, who
+
+
+@pytest.fixture
+async def proxy(ca, dns, start_proxy):
+    backend = await TlsBackend("app", server_context(ca, "app.test")).start()
+    dead_port = free_port()  # nothing listens here: connection refused
+    dns.add("known.test", ["127.0.0.1"])
+    port = free_port()
+    p = start_proxy(configs.listener(f"127.0.0.1:{port}")
+                    + configs.table("default", [("app.test", f"127.0.0.1:{backend.port}"),
+                                                ("dead.test", f"127.0.0.1:{dead_port}"),
+                                                ("*", f"*:{backend.port}")])
+                    + configs.common(dns.address))
+    p.port = port
+    yield p
+    await backend.close()
+
+
+async def closed_promptly(port: int, sni: str) -> float:
+    started = time.monotonic()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(real_client_hello(sni))
+    async with asyncio.timeout(5):
+        assert await reader.read() == b""
+    writer.close()
+    return time.monotonic() - started
+
+
+async def test_refused_backend_closes_the_client_promptly(proxy, ca):
+    assert await closed_promptly(proxy.port, "dead.test") < 1.0
+    (event,) = await proxy.access()
+    assert event["outcome"] == "connect_failed"
+    assert "refused" in event["reason"].lower() and event["backend"].startswith("127.0.0.1:")
+    assert await who("127.0.0.1", proxy.port, "app.test", client_context(ca)) == "backend=app alpn=None"
+
+
+async def test_unresolvable_dynamic_backend_closes_the_client(proxy, dns):
+    assert await closed_promptly(proxy.port, "nowhere.test") < 2.0
+    (event,) = await proxy.access()
+    assert event["outcome"] == "resolve_failed" and "nxdomain" in event["reason"]
+    assert dns.count("nowhere.test") >= 1
