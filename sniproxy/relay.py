@@ -54,24 +54,40 @@ class _Side(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.received = 0
         self.eof = False
+        # The backend side starts reading before the client side's transport exists (the ServerHello
+        # can arrive in between): hold what arrives until the peer is ready.
+        self.held: list[bytes] = []
         self.lost: asyncio.Future[BaseException | None] = relay.loop.create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement the Transport interface without subclassing it.
         self.transport = transport  # type: ignore[assignment]
         transport.set_write_buffer_limits(_WRITE_HIGH_WATER, _WRITE_LOW_WATER)
+        peer = self.peer
+        if peer is not None and peer.transport is not None:
+            for data in peer.held:
+                self.transport.write(data)
+            peer.held.clear()
+            if peer.eof:
+                self.transport.write_eof()
+            peer.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         self.received += len(data)
         self.pair.last_activity = time.monotonic()
-        assert self.peer is not None and self.peer.transport is not None
+        assert self.peer is not None
+        if self.peer.transport is None:
+            self.held.append(data)
+            assert self.transport is not None
+            self.transport.pause_reading()
+            return
         self.peer.transport.write(data)
 
     def eof_received(self) -> bool:
         # Half-close: pass the FIN on (after the peer's buffer drains) and keep the other way open.
         self.eof = True
-        assert self.peer is not None and self.peer.transport is not None
-        if not self.peer.transport.is_closing():
+        assert self.peer is not None
+        if self.peer.transport is not None and not self.peer.transport.is_closing():
             self.peer.transport.write_eof()
         self.pair.maybe_finish()
         return True

@@ -153,7 +153,7 @@ class DataPlane:
             if queue_limit is not None:
                 plane.set_queue_limit(queue_limit)
             plane._pin_all()
-            bpf["splice_events"].open_ring_buffer(plane._on_event)
+            bpf[b"splice_events"].open_ring_buffer(plane._on_event)
         except BaseException:
             plane.close()
             raise

@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import free_port
 from tests.support import configs
-from tests.support.backends import DataBackend, data_client, pattern_chunks, pattern_digest
+from tests.support.backends import DataBackend, data_client, pattern_chunks, pattern_digest, real_client_hello
 
 
 def up_digest(up: int, seed: int) -> str:
@@ -63,3 +63,29 @@ async def test_reply_after_client_half_close(data_backend, start_proxy):
     await run_transfers(port, data_backend, [(3 << 20, 5 << 20), (1, 1 << 20), (0, 100)], after_eof=True)
     events = await proxy.access(count=3)
     assert {e["outcome"] for e in events} == {"closed"}
+
+
+async def test_backend_that_speaks_first_loses_nothing(start_proxy):
+    # The backend writes as soon as it accepts, racing the proxy's set-up of the client side.
+    payload = bytes(range(256)) * 4096
+
+    async def greet(reader, writer):
+        writer.write(payload)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(greet, "127.0.0.1", 0)
+    port = free_port()
+    proxy = start_proxy(data_proxy_config(server.sockets[0].getsockname()[1], port))
+    try:
+        for _ in range(20):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(real_client_hello("data.test"))
+            writer.write_eof()
+            async with asyncio.timeout(10):
+                assert await reader.read() == payload
+            writer.close()
+        events = await proxy.access(count=20)
+        assert all(e["bytes_down"] == len(payload) for e in events)
+    finally:
+        server.close()

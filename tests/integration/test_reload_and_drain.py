@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import free_port
 from tests.support import configs
 from tests.support.backends import (DataBackend, TlsBackend, client_context, data_client, pattern_digest,
-                                    server_context, who)
+                                    real_client_hello, server_context, who)
 
 
 @pytest.fixture
@@ -81,7 +81,6 @@ async def test_sigterm_cuts_connections_still_open_after_the_grace_period(server
     port = free_port()
     proxy = start_proxy(config_text(port, a.port, data.port, grace=0.5))
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    from tests.support.backends import real_client_hello
     writer.write(real_client_hello("data.test") + b"0 1\n")  # an idle relayed connection
     await asyncio.sleep(0.3)
     proxy.signal(signal.SIGTERM)
