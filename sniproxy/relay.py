@@ -122,7 +122,11 @@ class _CopiedPair:
     def reset_by(self, side: _Side) -> None:
         if self.outcome is None:
             self.outcome = Outcome.CLIENT_RESET if side is self.client else Outcome.BACKEND_RESET
-        self.abort()
+        # What the reset side sent before its RST is still delivered: close() flushes, then closes.
+        # A peer that never reads would hold the flush forever; the idle timeout aborts it.
+        assert side.peer is not None
+        if side.peer.transport is not None:
+            side.peer.transport.close()
 
     def maybe_finish(self) -> None:
         if self.client.eof and self.backend.eof:

@@ -113,6 +113,7 @@ class _Direction:
         self.forwarded = 0
         self.wake = asyncio.Event()
         self.src_eof = False
+        self.seen_empty = False  # an EAGAIN since insertion: no byte from before it is left unread
         self.finished = False  # dst shut down for writing (or nothing more can flow)
 
     def kick(self) -> None:
@@ -157,33 +158,37 @@ class _Direction:
             delay = min(delay * 2, 0.02)
 
     async def _forward_held(self) -> None:
-        """Forward whatever the verdict left on src, then let it redirect again (release)."""
+        """Forward what the verdict left on src, then let it redirect again (release). The release is
+        exact: release_at == pass_bytes only when every passed byte is already in dst's send queue."""
         loop = self.pair.loop
         while True:
             await self._wait_drained()
-            while True:
-                data = self._read()
-                if data is None:  # EAGAIN
-                    if self.consumed >= self._stats(self.src_cookie).pass_bytes:
-                        break
-                    await self._readable(0.05)  # still on its way into the receive queue
+            data = self._read()
+            if data is None:  # EAGAIN
+                self.seen_empty = True  # from now on every byte arriving on src goes through the verdict
+                if self.consumed < self._stats(self.src_cookie).pass_bytes:
+                    await self._readable(0.05)  # passed bytes still on their way to the receive queue
                     continue
-                if not data:
-                    if self.consumed < self._stats(self.src_cookie).pass_bytes:
-                        await asyncio.sleep(0.001)  # FIN overtook bytes still in the psock backlog
-                        continue
-                    self.src_eof = True
-                    return
+            elif not data:
+                if self.consumed < self._stats(self.src_cookie).pass_bytes:
+                    await asyncio.sleep(0.001)  # the FIN overtook bytes still in the psock backlog
+                    continue
+                self.src_eof = True
+                return
+            else:
                 try:
                     await loop.sock_sendall(self.dst, data)
                 except OSError as e:
                     raise _Reset(self.pair.other(self.name)) from e
                 self.forwarded += len(data)
                 self.pair.touch()
+                if not self.seen_empty or self.consumed < self._stats(self.src_cookie).pass_bytes:
+                    continue
+            # Every byte the verdict left here is in dst's send queue: redirect again.
             self.pair.table.release(self.src_cookie, self.consumed)
             if self._stats(self.src_cookie).pass_bytes == self.consumed:
                 return
-            # More bytes were left to us while releasing; the verdict keeps holding: forward them too.
+            # A byte was left to us between the check and the release: the verdict still holds.
 
     def _read(self) -> bytes | None:
         buf = self.pair.relay._buffer

@@ -72,6 +72,7 @@ async def test_backend_that_speaks_first_loses_nothing(start_proxy):
     async def greet(reader, writer):
         writer.write(payload)
         await writer.drain()
+        await reader.read()  # closing with unread bytes would be an abortive close (RST)
         writer.close()
 
     server = await asyncio.start_server(greet, "127.0.0.1", 0)

@@ -17,12 +17,21 @@ class DnsServer:
         self.silent = False  # drop every query: a server that does not answer
         self._lock = threading.Lock()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._udp = socket.socket(family, socket.SOCK_DGRAM)
-        self._udp.bind((host, 0))
-        self.port = self._udp.getsockname()[1]
-        self._tcp = socket.socket(family, socket.SOCK_STREAM)
-        self._tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._tcp.bind((host, self.port))
+        # UDP and TCP on one port: a free UDP port may be taken for TCP, so retry until both bind.
+        for _ in range(50):
+            self._udp = socket.socket(family, socket.SOCK_DGRAM)
+            self._udp.bind((host, 0))
+            self.port = self._udp.getsockname()[1]
+            self._tcp = socket.socket(family, socket.SOCK_STREAM)
+            self._tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                self._tcp.bind((host, self.port))
+                break
+            except OSError:
+                self._udp.close()
+                self._tcp.close()
+        else:
+            raise OSError("no port free for both UDP and TCP")
         self._tcp.listen(16)
         self._stopping = False
         self._threads = [threading.Thread(target=self._serve_udp, daemon=True),
