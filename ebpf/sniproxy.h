@@ -46,13 +46,16 @@ struct conn_stats {
 	__u64 peer;          /* the other socket's cookie */
 	__u64 start_ns;      /* CLOCK_MONOTONIC (bpf_ktime_get_ns) when the pair was added */
 	__u64 last_ns;       /* last byte in or out */
-	__u64 rx_bytes;      /* received and seen by the verdict (= redir + pass) */
+	__u64 rx_bytes;      /* received and seen by the verdict (= redir + pass): each byte of the
+	                      * connection that arrived while spliced is counted here exactly once */
 	__u64 rx_pkts;
 	__u64 redir_bytes;   /* of rx: redirected to the peer's egress */
 	__u64 redir_pkts;
 	__u64 pass_bytes;    /* of rx: left in this socket's receive queue for userspace */
 	__u64 pass_pkts;
-	__u64 tx_bytes;      /* sent by this socket, whoever wrote them: each byte counted once here */
+	__u64 tx_bytes;      /* seen leaving by sk_msg. Exact for redirected bytes; measured here: a
+	                      * userspace send whose push hit EAGAIN leaves the psock's verdict cached
+	                      * and the retry is not shown to sk_msg, so this can miss userspace bytes */
 	__u64 tx_msgs;
 	__s64 queued;        /* redirected toward this socket, not yet through its sk_msg */
 	__u64 held_pkts;     /* of pass: because this socket's peer had more than the limit queued */

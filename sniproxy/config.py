@@ -3,6 +3,7 @@
 # Invariant: a Config that exists is fully valid; each rejection is a ConfigError naming its key path.
 from __future__ import annotations
 
+import contextlib
 import enum
 import ipaddress
 import json
@@ -22,6 +23,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "EbpfConfig",
+    "XdpConfig",
     "LimitsConfig",
     "ListenerConfig",
     "LogConfig",
@@ -72,12 +74,15 @@ class ListenerConfig:
     bind: Address
     protocol: str
     table: str
+    accept_proxy_protocol: bool = False  # expect a PROXY v1/v2 header from a trusted load balancer
+    trusted: tuple[str, ...] = ()  # CIDRs allowed to send that header (canonical network strings)
 
 
 @dataclass(frozen=True)
 class RouteConfig:
     match: str
     backend: str
+    proxy_protocol: str | None = None  # "v1" | "v2": send a PROXY header to the backend first
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,9 @@ class TableConfig:
     name: str
     routes: tuple[RouteConfig, ...] = ()
     fallback: Address | None = None
+    # Networks a dynamic route (backend built from the client's SNI) may connect to even though they
+    # are private, loopback, link-local, multicast or unspecified. Empty: none (no open proxy).
+    allow_private_backends: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -105,6 +113,7 @@ class LimitsConfig:
     connect_timeout: float = 5.0
     idle_timeout: float = 300.0
     max_connections: int = 10000
+    max_connections_per_ip: int = 0  # 0: no per-address limit
     max_client_hello_size: int = 16384
     shutdown_grace: float = 30.0
 
@@ -123,6 +132,14 @@ class EbpfConfig:
 
 
 @dataclass(frozen=True)
+class XdpConfig:
+    enabled: bool = False
+    interfaces: tuple[str, ...] = ()
+    mode: str = "auto"  # "native" | "generic" | "auto" (native, else generic)
+    allow: tuple[str, ...] = ()  # canonical CIDR strings ("10.0.0.0/8"), no duplicates
+
+
+@dataclass(frozen=True)
 class Config:
     listeners: tuple[ListenerConfig, ...]
     tables: Mapping[str, TableConfig]  # read-only (MappingProxyType), in file order
@@ -130,6 +147,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     ebpf: EbpfConfig = field(default_factory=EbpfConfig)
+    xdp: XdpConfig = field(default_factory=XdpConfig)
     source: str = "<string>"
 
 
@@ -462,19 +480,24 @@ def _address(value: object, key_path: str, *, default_port: int | None = None) -
         raise ConfigError(key_path, str(e)) from None
 
 
-_TOP_KEYS = ("listener", "table", "resolver", "limits", "log", "ebpf")
-_LISTENER_KEYS = ("bind", "protocol", "table")
-_TABLE_KEYS = ("routes", "fallback")
-_ROUTE_KEYS = ("match", "backend")
+_TOP_KEYS = ("listener", "table", "resolver", "limits", "log", "ebpf", "xdp")
+_LISTENER_KEYS = ("bind", "protocol", "table", "accept_proxy_protocol", "trusted")
+_TABLE_KEYS = ("routes", "fallback", "allow_private_backends")
+_ROUTE_KEYS = ("match", "backend", "proxy_protocol")
+PROXY_PROTOCOL_VERSIONS = ("v1", "v2")
 _RESOLVER_KEYS = (
     "nameservers", "timeout", "tries", "min_ttl", "max_ttl", "negative_ttl", "cache_size", "mode"
 )  # fmt: skip
 _LIMITS_KEYS = (
     "client_hello_timeout", "connect_timeout", "idle_timeout", "max_connections",
-    "max_client_hello_size", "shutdown_grace",
+    "max_connections_per_ip", "max_client_hello_size", "shutdown_grace",
 )  # fmt: skip
 _LOG_KEYS = ("format", "level", "access_log")
 _EBPF_KEYS = ("splice", "pin_dir")
+_XDP_KEYS = ("enabled", "interfaces", "mode", "allow")
+XDP_MODES = ("auto", "native", "generic")
+XDP_MAX_ALLOW = 16384  # ebpf/xdp_filter.h XDP_MAX_ALLOW
+_IFNAME_RE = re.compile(r"[^\s/:]{1,15}", re.ASCII)  # Linux IFNAMSIZ - 1, no '/', ':' or spaces
 
 
 def _route(data: object, path: str) -> tuple[RouteConfig, MatchSpec]:
@@ -482,6 +505,9 @@ def _route(data: object, path: str) -> tuple[RouteConfig, MatchSpec]:
     section.check_keys(_ROUTE_KEYS)
     match_text = section.string("match")
     backend_text = section.string("backend")
+    proxy_protocol = None
+    if "proxy_protocol" in section.data:
+        proxy_protocol = section.string("proxy_protocol", choices=PROXY_PROTOCOL_VERSIONS)
     try:
         match = parse_match(match_text)
     except ValueError as e:
@@ -490,7 +516,7 @@ def _route(data: object, path: str) -> tuple[RouteConfig, MatchSpec]:
         parse_backend(backend_text, match)
     except ValueError as e:
         raise ConfigError(section.key("backend"), str(e)) from None
-    return RouteConfig(match_text, backend_text), match
+    return RouteConfig(match_text, backend_text, proxy_protocol), match
 
 
 def _table(name: str, data: object, path: str) -> TableConfig:
@@ -519,7 +545,29 @@ def _table(name: str, data: object, path: str) -> TableConfig:
     fallback = None
     if "fallback" in section.data:
         fallback = _address(section.data["fallback"], section.key("fallback"))
-    return TableConfig(name=name, routes=tuple(routes), fallback=fallback)
+    private: tuple[str, ...] = ()
+    value = section.get("allow_private_backends", False)
+    if value is True:
+        private = ("0.0.0.0/0", "::/0")
+    elif isinstance(value, list):
+        private = _networks(value, section.key("allow_private_backends"))
+    elif value is not False:
+        raise ConfigError(section.key("allow_private_backends"),
+                          f"expected true, false or a list of CIDRs, got {_type_name(value)}")
+    return TableConfig(name=name, routes=tuple(routes), fallback=fallback,
+                       allow_private_backends=private)
+
+
+def _networks(values: list[object], key_path: str) -> tuple[str, ...]:
+    out = []
+    for i, item in enumerate(values):
+        if not isinstance(item, str):
+            raise ConfigError(f"{key_path}[{i}]", f"expected a CIDR string, got {_type_name(item)}")
+        try:
+            out.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError as e:
+            raise ConfigError(f"{key_path}[{i}]", f"not a CIDR: {e}") from None
+    return tuple(out)
 
 
 def _listener(data: object, path: str, tables: Mapping[str, TableConfig]) -> ListenerConfig:
@@ -533,7 +581,16 @@ def _listener(data: object, path: str, tables: Mapping[str, TableConfig]) -> Lis
     if table not in tables:
         known = ", ".join(tables) or "none defined"
         raise ConfigError(section.key("table"), f"no table named {table!r} (tables: {known})")
-    return ListenerConfig(bind=bind, protocol=protocol, table=table)
+    accept_proxy = section.boolean("accept_proxy_protocol", False)
+    trusted = _networks(section.array("trusted", []), section.key("trusted"))
+    if accept_proxy and not trusted:
+        raise ConfigError(section.key("trusted"),
+                          "accept_proxy_protocol = true needs the load balancers' CIDRs here; "
+                          "anyone else could forge client addresses")
+    if trusted and not accept_proxy:
+        raise ConfigError(section.key("trusted"), "only meaningful with accept_proxy_protocol = true")
+    return ListenerConfig(bind=bind, protocol=protocol, table=table,
+                          accept_proxy_protocol=accept_proxy, trusted=trusted)
 
 
 def _resolver(data: object) -> ResolverConfig:
@@ -570,6 +627,7 @@ def _limits(data: object) -> LimitsConfig:
         connect_timeout=s.number("connect_timeout", 5.0, positive=True),
         idle_timeout=s.number("idle_timeout", 300.0, positive=True),
         max_connections=s.integer("max_connections", 10000, minimum=1),
+        max_connections_per_ip=s.integer("max_connections_per_ip", 0, minimum=0),
         max_client_hello_size=s.integer(
             "max_client_hello_size", 16384, MIN_CLIENT_HELLO_SIZE, MAX_CLIENT_HELLO_SIZE
         ),
@@ -594,6 +652,47 @@ def _ebpf(data: object) -> EbpfConfig:
     if not pin_dir.startswith("/"):
         raise ConfigError("ebpf.pin_dir", f"must be an absolute path, got {pin_dir!r}")
     return EbpfConfig(splice=s.boolean("splice", True), pin_dir=pin_dir)
+
+
+def _xdp(data: object) -> XdpConfig:
+    s = _Section(data, "xdp")
+    s.check_keys(_XDP_KEYS)
+    enabled = s.boolean("enabled", False)
+    interfaces: list[str] = []
+    for i, name in enumerate(s.array("interfaces", [])):
+        key_path = f"xdp.interfaces[{i}]"
+        if not isinstance(name, str):
+            raise ConfigError(key_path, f"expected an interface name, got {_type_name(name)}")
+        if _IFNAME_RE.fullmatch(name) is None or name in (".", ".."):
+            raise ConfigError(key_path, f"{name!r} is not a valid interface name")
+        if name in interfaces:
+            raise ConfigError(key_path, f"duplicate of xdp.interfaces[{interfaces.index(name)}]")
+        interfaces.append(name)
+    allow: list[str] = []
+    for i, item in enumerate(s.array("allow", [])):
+        key_path = f"xdp.allow[{i}]"
+        if not isinstance(item, str):
+            raise ConfigError(key_path, f"expected a CIDR string, got {_type_name(item)}")
+        try:
+            net = ipaddress.ip_network(item.strip(), strict=True)
+        except ValueError as e:
+            hint = ""
+            with contextlib.suppress(ValueError):
+                hint = f"; did you mean {ipaddress.ip_network(item.strip(), strict=False)}?"
+            raise ConfigError(key_path, f"not a CIDR: {e}{hint}") from None
+        if str(net) in allow:
+            raise ConfigError(key_path, f"duplicate of xdp.allow[{allow.index(str(net))}] ({net})")
+        allow.append(str(net))
+    if len(allow) > XDP_MAX_ALLOW:
+        raise ConfigError("xdp.allow", f"at most {XDP_MAX_ALLOW} entries, got {len(allow)}")
+    if enabled and not allow:
+        raise ConfigError("xdp.allow", "empty, but enabled = true: every client of the listening "
+                          "ports would be dropped; list the CIDRs to let in, or set enabled = false")
+    if enabled and not interfaces:
+        raise ConfigError("xdp.interfaces", "empty, but enabled = true: name the interfaces to "
+                          "filter (e.g. [\"eth0\"])")
+    return XdpConfig(enabled=enabled, interfaces=tuple(interfaces),
+                     mode=s.string("mode", "auto", choices=XDP_MODES), allow=tuple(allow))
 
 
 def _build(doc: dict[str, Any], source: str) -> Config:
@@ -629,6 +728,7 @@ def _build(doc: dict[str, Any], source: str) -> Config:
         limits=_limits(top.get("limits", {})),
         log=_log(top.get("log", {})),
         ebpf=_ebpf(top.get("ebpf", {})),
+        xdp=_xdp(top.get("xdp", {})),
         source=source,
     )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import ipaddress
 import errno
 import os
 import socket
@@ -14,7 +15,7 @@ from typing import Any
 
 import structlog
 
-from sniproxy import tls
+from sniproxy import proxy_protocol, tls
 from sniproxy.config import LimitsConfig
 from sniproxy.relay import Outcome, Relay, RelayResult
 from sniproxy.resolver import ResolveError, Resolver
@@ -42,6 +43,8 @@ class Policy:
     table: RouteTable
     limits: LimitsConfig
     access_log: bool = True
+    # Set when the listener expects a PROXY header: the networks allowed to send one.
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None = None
 
 
 class _Rejected(Exception):
@@ -79,6 +82,8 @@ class Connection:
         self.hello: tls.ClientHello | None = None
         self.route: Route | None = None
         self.backend_address: Any = None
+        self.via: Any = None  # the load balancer's address, when a PROXY header named the client
+        self.proxy_destination: Any = None
         self.buffered = bytearray()
 
     async def handle(self) -> None:
@@ -98,13 +103,22 @@ class Connection:
                 addresses = await self.resolver.resolve(self.route.host)
             except ResolveError as exc:
                 raise _Rejected("resolve_failed", str(exc)) from None
+            allowed = [a for a in addresses if self.policy.table.backend_allowed(self.route, a)]
+            if not allowed:
+                raise _Rejected("backend_refused",
+                                f"{self.route.host} resolved to {', '.join(addresses)}: a dynamic route "
+                                "may not reach private, loopback, link-local or multicast addresses "
+                                "(allow_private_backends)")
             self.state = State.CONNECTING
-            backend = await self._connect(addresses)
+            backend = await self._connect(allowed)
             self.state = State.RELAYING
+            first = bytes(self.buffered)
+            if self.route.proxy_protocol:
+                first = self._proxy_header(self.route.proxy_protocol) + first
             # The relay owns both sockets from here on and closes them.
             client, self.client, relay_backend, backend = self.client, None, backend, None
             result = await self.relay.relay(
-                client, relay_backend, bytes(self.buffered), self.policy.limits.idle_timeout
+                client, relay_backend, first, self.policy.limits.idle_timeout
             )
             outcome = result.outcome.value
         except _Rejected as exc:
@@ -126,12 +140,18 @@ class Connection:
         self.state = State.READING_HELLO
         loop = asyncio.get_running_loop()
         reader = tls.ClientHelloReader(max_size=self.policy.limits.max_client_hello_size)
+        header_reader = self._proxy_header_reader()
         try:
             async with asyncio.timeout(self.policy.limits.client_hello_timeout):
                 while True:
                     data = await loop.sock_recv(self.client, _RECV_SIZE)
                     if not data:
                         raise _Rejected("client_closed", "client closed before a complete ClientHello")
+                    if header_reader is not None:
+                        data = self._feed_proxy_header(header_reader, data)
+                        if data is None:
+                            continue
+                        header_reader = None
                     self.buffered += data
                     # Everything read is forwarded verbatim later, including bytes past the hello:
                     # reading only part of an skb would let a splice re-send it from its start.
@@ -146,6 +166,40 @@ class Connection:
             raise _Rejected("bad_client_hello", str(exc)) from None
         except ConnectionError as exc:
             raise _Rejected("client_reset", f"client reset before a complete ClientHello: {exc}") from None
+
+    def _proxy_header_reader(self) -> proxy_protocol.ProxyHeaderReader | None:
+        trusted = self.policy.trusted_proxies
+        if trusted is None:
+            return None
+        peer = ipaddress.ip_address(self.client_address[0])
+        if not any(peer in network for network in trusted):
+            raise _Rejected("proxy_protocol_untrusted",
+                            f"{self.client_address[0]} is not in this listener's trusted networks")
+        return proxy_protocol.ProxyHeaderReader()
+
+    def _feed_proxy_header(self, reader: proxy_protocol.ProxyHeaderReader, data: bytes) -> bytes | None:
+        """The bytes after the header once it is complete, else None (need more)."""
+        try:
+            header = reader.feed(data)
+        except proxy_protocol.ProxyHeaderError as exc:
+            raise _Rejected("bad_proxy_header", str(exc)) from None
+        if not isinstance(header, proxy_protocol.ProxyHeader):
+            return None
+        if header.source is not None:
+            self.via, self.client_address = self.client_address, header.source
+            self.proxy_destination = header.destination
+        return header.rest
+
+    def _proxy_header(self, version: str) -> bytes:
+        """The PROXY header for the backend: the real client, and the address it connected to."""
+        source = (str(self.client_address[0]), int(self.client_address[1]))
+        if self.proxy_destination is not None:
+            destination = self.proxy_destination
+        else:
+            assert self.client is not None
+            local = self.client.getsockname()
+            destination = (local[0], local[1])
+        return proxy_protocol.encode(version, source, destination)
 
     async def _connect(self, addresses: list[str]) -> socket.socket:
         """Try each address in turn within one connect_timeout; a dead address gets its share of the
@@ -207,6 +261,8 @@ class Connection:
             "outcome": outcome,
             "state": self.state.value,
         }
+        if self.via:
+            event["via"] = _peer_text(self.via)
         if reason:
             event["reason"] = reason
         if result and result.fallback_reason:

@@ -1,13 +1,15 @@
 # Chooses how relayed bytes move: the kernel splice when this process can load it, else userspace
 # copy. The decision and its reason are logged once at start; a failure here never stops the proxy.
+# Also sets up the XDP allow-list ([xdp]): unlike splice it is a security control, so when it is
+# enabled and cannot be attached the proxy does not start (DataPlaneError) rather than run unfiltered.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import structlog
 
-from sniproxy.config import EbpfConfig
+from sniproxy.config import EbpfConfig, XdpConfig
 from sniproxy.relay import CopyRelay, Relay
 
 log = structlog.get_logger("sniproxy.dataplane")
@@ -44,3 +46,123 @@ def open_relay(config: EbpfConfig) -> Iterator[Relay]:
         yield SpliceRelay(plane.splice_table, copy)
     finally:
         plane.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# XDP allow-list
+
+
+class DataPlaneError(Exception):
+    """A kernel part the configuration requires could not be set up; the proxy must not start."""
+
+
+class XdpGate:
+    """The running XDP allow-list as the server sees it: replace the CIDRs, read the counters."""
+
+    def __init__(self, allow_list: object) -> None:
+        self._allow_list = allow_list
+
+    def replace(self, cidrs: Iterable[str]) -> tuple[list[str], list[str]]:
+        """Make the live allow-list hold exactly cidrs, in place (adds before deletes). Returns
+        (added, removed). Raises DataPlaneError, leaving the previous list whole."""
+        from sniproxy.kernel.errors import KernelError
+        from sniproxy.kernel.xdp import parse_network
+
+        try:
+            diff = self._allow_list.replace(parse_network(c) for c in cidrs)  # type: ignore[attr-defined]
+        except KernelError as exc:
+            raise DataPlaneError(str(exc)) from exc
+        return [str(n) for n in diff.added], [str(n) for n in diff.removed]
+
+    def verdicts(self) -> dict[str, int]:
+        return self._allow_list.verdicts().as_dict()  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def open_xdp(config: XdpConfig, pin_dir: str, ports: Iterable[int]) -> Iterator[XdpGate | None]:
+    """Attach the allow-list to config.interfaces gating `ports` (the listeners' ports) for the
+    duration of the block; detach on the way out. Yields None when [xdp] is disabled."""
+    if not config.enabled:
+        yield None
+        return
+    ports = sorted(set(ports))
+    try:
+        from sniproxy.kernel.errors import KernelError
+        from sniproxy.kernel.probe import probe
+        from sniproxy.kernel.xdp import open_filter, parse_network
+    except ImportError as exc:
+        raise DataPlaneError(f"[xdp] enabled but the kernel layer is not importable: {exc}") from exc
+    support = probe()
+    if not support.available:
+        raise DataPlaneError(f"[xdp] enabled but XDP cannot be used here: {support.reason}")
+    try:
+        allow_list = open_filter(pin_dir, config.interfaces, config.mode, ports,
+                                 [parse_network(c) for c in config.allow])
+    except KernelError as exc:
+        raise DataPlaneError(f"[xdp] could not attach the allow-list: {exc}") from exc
+    try:
+        for a in allow_list.attachments:
+            if a.replaced:
+                log.warning("xdp_replaced_stale", interface=a.ifname, program=a.replaced)
+        log.info("xdp_attached", interfaces={a.ifname: a.mode for a in allow_list.attachments},
+                 ports=ports, allow=list(config.allow), pin_dir=pin_dir)
+        yield XdpGate(allow_list)
+    finally:
+        verdicts: dict[str, int] = {}
+        with contextlib.suppress(KernelError):
+            verdicts = allow_list.verdicts().as_dict()
+        allow_list.close()
+        log.info("xdp_detached", interfaces=list(config.interfaces), **verdicts)
+
+
+class PinnedAllowList:
+    """The live allow-list a running proxy pinned under pin_dir, for `sniproxy allow`. Edits reach
+    the kernel at once and are not written to any config file. Kernel failures raise DataPlaneError,
+    a malformed CIDR raises ValueError."""
+
+    def __init__(self, pin_dir: str) -> None:
+        from sniproxy.kernel.errors import KernelError
+        from sniproxy.kernel.xdp import PinnedAllowList as Pinned
+
+        self._kernel_error = KernelError
+        try:
+            self._map = Pinned(pin_dir)
+        except KernelError as exc:
+            raise DataPlaneError(str(exc)) from exc
+
+    def _call(self, fn, *args):  # noqa: ANN001, ANN202
+        try:
+            return fn(*args)
+        except self._kernel_error as exc:
+            raise DataPlaneError(str(exc)) from exc
+
+    @staticmethod
+    def _network(cidr: str):  # noqa: ANN205
+        from sniproxy.kernel.xdp import parse_network
+
+        return parse_network(cidr)
+
+    def entries(self) -> list[str]:
+        return [str(n) for n in self._call(self._map.entries)]
+
+    def add(self, cidr: str) -> bool:
+        return self._call(self._map.add, self._network(cidr))
+
+    def delete(self, cidr: str) -> bool:
+        return self._call(self._map.delete, self._network(cidr))
+
+    def in_use(self) -> bool:
+        return self._call(self._map.in_use)
+
+    def verdicts(self) -> dict[str, int] | None:
+        verdicts = self._call(self._map.verdicts)
+        return None if verdicts is None else verdicts.as_dict()
+
+    def close(self) -> None:
+        self._map.close()
+
+    def __enter__(self) -> PinnedAllowList:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

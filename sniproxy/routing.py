@@ -3,6 +3,7 @@
 # and a dynamic Route's host is always a valid hostname (never an IP literal taken from the client).
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 from sniproxy.config import (
@@ -28,6 +29,7 @@ class Route:
     port: int
     rule: str  # the `match` string that selected it, or "fallback"
     dynamic: bool  # host came from the client's SNI ("*:port" or "$N" captures)
+    proxy_protocol: str | None = None  # "v1" | "v2": PROXY header to send the backend first
 
 
 @dataclass(frozen=True)
@@ -36,14 +38,15 @@ class _Rule:
     pattern: str  # the raw `match` string, reported as Route.rule
     match: MatchSpec
     backend: BackendSpec
+    proxy_protocol: str | None = None
 
     def target(self, name: str, captures: tuple[str | None, ...] = ()) -> Route | None:
         """The Route for `name` (already matched), or None when a capture yields no valid host."""
         backend = self.backend
         if backend.kind is BackendKind.STATIC:
-            return Route(backend.host, backend.port, self.pattern, dynamic=False)
+            return Route(backend.host, backend.port, self.pattern, False, self.proxy_protocol)
         if backend.kind is BackendKind.SNI:
-            return Route(name, backend.port, self.pattern, dynamic=True)
+            return Route(name, backend.port, self.pattern, True, self.proxy_protocol)
         pieces: list[str] = []
         for part in backend.template:
             if isinstance(part, int):
@@ -56,15 +59,17 @@ class _Rule:
         host = normalize_hostname("".join(pieces))
         if not is_hostname(host):
             return None
-        return Route(host, backend.port, self.pattern, dynamic=True)
+        return Route(host, backend.port, self.pattern, True, self.proxy_protocol)
 
 
 class RouteTable:
     """Compiled routes of one table. Exact names and wildcard suffixes are dict lookups; regex and
     catch-all rules are scanned in order, but only those that come before the best lookup hit."""
 
-    def __init__(self, name: str, rules: tuple[_Rule, ...], fallback: Route | None) -> None:
+    def __init__(self, name: str, rules: tuple[_Rule, ...], fallback: Route | None,
+                 allow_private: tuple[str, ...] = ()) -> None:
         self.name = name
+        self._allow_private = tuple(ipaddress.ip_network(n) for n in allow_private)
         self._rules = rules
         self._fallback = fallback
         self._exact: dict[str, _Rule] = {}
@@ -85,17 +90,32 @@ class RouteTable:
         rules = []
         for index, route in enumerate(table.routes):
             match = parse_match(route.match)
-            rules.append(_Rule(index, route.match, match, parse_backend(route.backend, match)))
+            rules.append(_Rule(index, route.match, match, parse_backend(route.backend, match),
+                               route.proxy_protocol))
         fallback = None
         if table.fallback is not None:
             fallback = Route(
                 table.fallback.host.lower(), table.fallback.port, FALLBACK_RULE, dynamic=False
             )
-        return cls(table.name, tuple(rules), fallback)
+        return cls(table.name, tuple(rules), fallback, table.allow_private_backends)
 
     @property
     def fallback(self) -> Route | None:
         return self._fallback
+
+    def backend_allowed(self, route: Route, address: str) -> bool:
+        """May `route` connect to the resolved IP `address`? Static routes always may: the operator
+        wrote the backend. Dynamic ones (host chosen by the client) may reach only global addresses,
+        unless the table allows a network explicitly: otherwise the proxy is an open relay into the
+        host's own loopback and private networks."""
+        if not route.dynamic:
+            return True
+        ip = ipaddress.ip_address(address)
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if ip.is_global and not ip.is_multicast:
+            return True
+        return any(ip in network for network in self._allow_private)
 
     def __len__(self) -> int:
         return len(self._rules)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import ipaddress
 import signal
 import socket
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from sniproxy.connection import Connection, Policy, access_log
 from sniproxy.relay import CopyRelay, Relay
 from sniproxy.resolver import Resolver
 from sniproxy.routing import RouteTable
+from sniproxy.systemd import Notifier
 
 log = structlog.get_logger("sniproxy.server")
 
@@ -24,6 +26,8 @@ _ACCEPT_BATCH = 64
 # After EMFILE/ENFILE the listening socket stays readable; stop watching it for a moment instead of
 # spinning on accept() at 100% CPU.
 _ACCEPT_BACKOFF = 0.1
+# How often STATUS= is refreshed for `systemctl status` when no shorter watchdog interval applies.
+_STATUS_INTERVAL = 5.0
 
 
 def _listener_name(listener: ListenerConfig) -> str:
@@ -52,8 +56,13 @@ def build_policies(config: Config) -> dict[str, Policy]:
     """One Policy per listener name; a pure function of the config so reload can swap them whole."""
     tables = {name: RouteTable.from_config(table) for name, table in config.tables.items()}
     return {
-        _listener_name(listener): Policy(table=tables[listener.table], limits=config.limits,
-                                         access_log=config.log.access_log)
+        _listener_name(listener): Policy(
+            table=tables[listener.table],
+            limits=config.limits,
+            access_log=config.log.access_log,
+            trusted_proxies=(tuple(ipaddress.ip_network(n) for n in listener.trusted)
+                             if listener.accept_proxy_protocol else None),
+        )
         for listener in config.listeners
     }
 
@@ -71,14 +80,18 @@ class Server:
     relay: Relay = field(default_factory=CopyRelay)
     resolver: Resolver | None = None
     reloads: int = 0
+    notifier: Notifier = field(default_factory=Notifier.from_environ)
 
     def __post_init__(self) -> None:
         self._policies = build_policies(self.config)
         self._listening: list[_Listening] = []
         self._connections: set[asyncio.Task[None]] = set()
+        self._per_ip: dict[str, int] = {}
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self.rejected_over_limit = 0
+        self.accepted = 0
+        self._heartbeat: asyncio.TimerHandle | None = None
         if self.resolver is None:
             self.resolver = Resolver(self.config.resolver)
 
@@ -119,6 +132,9 @@ class Server:
         for entry in self._listening:
             self._watch(entry)
         log.info("listening", listeners=[e.name for e in self._listening], relay=self.relay.mode)
+        # Listeners are bound and the relay (BPF objects included) was opened before serve(): ready.
+        self.notifier.ready(self.status_line())
+        self._schedule_heartbeat()
         try:
             while not self._stop.is_set():
                 stop_wait = asyncio.ensure_future(self._stop.wait())
@@ -130,11 +146,19 @@ class Server:
                     reload_wait.cancel()
                 if self._reload.is_set() and not self._stop.is_set():
                     self._reload.clear()
+                    self.notifier.reloading()
                     self.reload()
+                    self.notifier.ready(self.status_line())
         finally:
             for sig in handled:
                 loop.remove_signal_handler(sig)
-            await self._drain()
+            self.notifier.stopping(f"stopping: draining {len(self._connections)} connection(s)")
+            try:
+                await self._drain()
+            finally:
+                if self._heartbeat is not None:
+                    self._heartbeat.cancel()
+                    self._heartbeat = None
 
     def reload(self) -> bool:
         """Re-read the config file; new connections use it, established ones keep what they had."""
@@ -160,6 +184,26 @@ class Server:
         self.reloads += 1
         log.info("reloaded", source=config.source, reloads=self.reloads)
         return True
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS= (shown by `systemctl status`)."""
+        return (f"relay={self.relay.mode} connections={len(self._connections)} accepted={self.accepted} "
+                f"over_limit={self.rejected_over_limit} reloads={self.reloads}")
+
+    def _schedule_heartbeat(self) -> None:
+        # A timer on the event loop itself: if the loop stalls, the pings stop and systemd's
+        # WatchdogSec= restarts the service.
+        if not self.notifier.enabled:
+            return
+        interval = min(self.notifier.watchdog_interval or _STATUS_INTERVAL, _STATUS_INTERVAL)
+        self._heartbeat = asyncio.get_running_loop().call_later(interval, self._beat)
+
+    def _beat(self) -> None:
+        if self.notifier.watchdog_interval is not None:
+            self.notifier.watchdog()
+        if not self._stop.is_set():
+            self.notifier.status(self.status_line())
+        self._schedule_heartbeat()
 
     async def _drain(self) -> None:
         self._close_listeners()
@@ -216,18 +260,38 @@ class Server:
     def _start_connection(self, entry: _Listening, client: socket.socket, address: tuple) -> None:
         client.setblocking(False)
         policy = self._policies[entry.name]
-        if len(self._connections) >= policy.limits.max_connections:
+        limits = policy.limits
+        ip = address[0]
+        outcome = None
+        if len(self._connections) >= limits.max_connections:
+            outcome = "over_limit"
+        elif limits.max_connections_per_ip and self._per_ip.get(ip, 0) >= limits.max_connections_per_ip:
+            outcome = "over_limit_per_ip"
+        if outcome is not None:
+            # Closed before reading a byte: shedding load must cost next to nothing.
             self.rejected_over_limit += 1
             client.close()
-            access_log.info("access", client=f"{address[0]}:{address[1]}", listener=entry.name,
-                            outcome="over_limit", state="accepted", bytes_up=0, bytes_down=0)
+            if policy.access_log:
+                access_log.info("access", client=f"[{ip}]:{address[1]}" if ":" in ip else f"{ip}:{address[1]}",
+                                listener=entry.name, outcome=outcome, state="accepted",
+                                bytes_up=0, bytes_down=0, duration_ms=0.0)
             return
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.accepted += 1
         assert self.resolver is not None
         connection = Connection(client, address, entry.name, policy, self.resolver, self.relay)
         task = asyncio.get_running_loop().create_task(connection.handle())
         self._connections.add(task)
-        task.add_done_callback(self._connections.discard)
+        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+        task.add_done_callback(lambda t: self._connection_done(t, ip))
+
+    def _connection_done(self, task: asyncio.Task[None], ip: str) -> None:
+        self._connections.discard(task)
+        left = self._per_ip[ip] - 1
+        if left:
+            self._per_ip[ip] = left
+        else:
+            del self._per_ip[ip]
 
 
 def _with_listeners(config: Config, listeners: tuple[ListenerConfig, ...]) -> Config:

@@ -26,6 +26,11 @@ _READ_BUFFER = 4 << 20
 # Send buffer given to spliced sockets: the kernel retries a full send buffer only after one jiffy,
 # so a stream moves at most ~sndbuf/2 per 4 ms.
 DEFAULT_SNDBUF = 4 << 20
+DEFAULT_RCVBUF = None  # measured: a fixed SO_RCVBUF let held bytes pile up (see report)
+
+# Receive window of a held socket while we catch up with what the verdict left us (the kernel
+# raises it to its minimum, SOCK_MIN_RCVBUF / 2).
+_CLAMP_WHILE_HELD = 4096
 
 _HANGUP = select.EPOLLRDHUP | select.EPOLLONESHOT
 
@@ -112,6 +117,8 @@ class _Direction:
         self.stale = 0  # bytes read from src that were queued before insertion (never seen by it)
         self.forwarded = 0
         self.wake = asyncio.Event()
+        self.window_clamp = src.getsockopt(socket.IPPROTO_TCP, socket.TCP_WINDOW_CLAMP)
+        self.clamped = False
         self.src_eof = False
         self.seen_empty = False  # an EAGAIN since insertion: no byte from before it is left unread
         self.finished = False  # dst shut down for writing (or nothing more can flow)
@@ -159,7 +166,23 @@ class _Direction:
 
     async def _forward_held(self) -> None:
         """Forward what the verdict left on src, then let it redirect again (release). The release is
-        exact: release_at == pass_bytes only when every passed byte is already in dst's send queue."""
+        exact: release_at == pass_bytes only when every passed byte is already in dst's send queue.
+        Meanwhile src's receive window is clamped, so a sender that never pauses cannot keep us
+        copying forever: once its advertised window is used up it trickles, and we catch up."""
+        try:
+            await self._forward_held_clamped()
+        finally:
+            self._clamp(False)
+
+    def _clamp(self, on: bool) -> None:
+        if on == self.clamped:
+            return
+        self.clamped = on
+        with contextlib.suppress(OSError):
+            self.src.setsockopt(socket.IPPROTO_TCP, socket.TCP_WINDOW_CLAMP,
+                                _CLAMP_WHILE_HELD if on else self.window_clamp)
+
+    async def _forward_held_clamped(self) -> None:
         loop = self.pair.loop
         while True:
             await self._wait_drained()
@@ -183,6 +206,7 @@ class _Direction:
                 self.forwarded += len(data)
                 self.pair.touch()
                 if not self.seen_empty or self.consumed < self._stats(self.src_cookie).pass_bytes:
+                    self._clamp(True)  # the sender keeps ahead of us: make it pause
                     continue
             # Every byte the verdict left here is in dst's send queue: redirect again.
             self.pair.table.release(self.src_cookie, self.consumed)
@@ -293,10 +317,12 @@ class SpliceRelay:
 
     mode = "splice"
 
-    def __init__(self, table: SpliceTable, fallback: CopyRelay, *, sndbuf: int | None = DEFAULT_SNDBUF) -> None:
+    def __init__(self, table: SpliceTable, fallback: CopyRelay, *, sndbuf: int | None = DEFAULT_SNDBUF,
+                 rcvbuf: int | None = DEFAULT_RCVBUF) -> None:
         self.table = table
         self.fallback = fallback
         self.sndbuf = sndbuf
+        self.rcvbuf = rcvbuf
         self._buffer = bytearray(_READ_BUFFER)
         self._watcher: _Watcher | None = None
 
@@ -328,6 +354,9 @@ class SpliceRelay:
         sock.setsockopt(socket.IPPROTO_TCP, TCP_INQ, 1)
         if self.sndbuf:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.sndbuf)
+        if self.rcvbuf:
+            # Bounds what one hold leaves for us to copy (redirecting keeps this queue empty).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
 
     async def relay(self, client: socket.socket, backend: socket.socket, first: bytes,
                     idle_timeout: float) -> RelayResult:
@@ -374,9 +403,11 @@ class SpliceRelay:
             stats = self.table.remove(spliced)
             client.close()
             backend.close()
+        # Each byte counted once where it entered: `first` and bytes left over from before insertion
+        # by us, everything after by the verdict (rx_bytes = redirected + passed to us and forwarded).
         return RelayResult(
             mode=self.mode,
-            bytes_up=stats.bytes_a_to_b,
-            bytes_down=stats.bytes_b_to_a,
+            bytes_up=len(first) + pair.up.stale + stats.a["rx_bytes"],
+            bytes_down=pair.down.stale + stats.b["rx_bytes"],
             outcome=pair.outcome or Outcome.CLOSED,
         )

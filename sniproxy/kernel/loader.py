@@ -105,7 +105,8 @@ class DataPlane:
         return bcc.libbcc.lib
 
     @classmethod
-    def load(cls, pin_dir: str = DEFAULT_PIN_DIR, *, queue_limit: int | None = None) -> DataPlane:
+    def load(cls, pin_dir: str = DEFAULT_PIN_DIR, *, queue_limit: int | None = None,
+             source: Path = SPLICE_SRC) -> DataPlane:
         """Compile splice.c, attach both programs to sock_map, pin the maps under pin_dir (replacing
         stale pins of an earlier run). Raises KernelError with the compiler's/kernel's message."""
         try:
@@ -115,13 +116,13 @@ class DataPlane:
         ensure_bpffs(pin_dir)
         with _captured_stderr() as messages:
             try:
-                bpf = BPF(src_file=str(SPLICE_SRC).encode(), cflags=[f"-I{EBPF_DIR}"])
+                bpf = BPF(src_file=str(Path(source).resolve()).encode(), cflags=[f"-I{EBPF_DIR}"])
             except Exception as e:  # BCC raises a bare Exception
                 compile_error: Exception | None = e
             else:
                 compile_error = None
         if compile_error is not None:
-            raise KernelError(f"compiling {SPLICE_SRC} failed", messages().strip() or str(compile_error))
+            raise KernelError(f"compiling {source} failed", messages().strip() or str(compile_error))
         created = False
         try:
             if not os.path.isdir(pin_dir):

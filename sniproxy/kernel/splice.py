@@ -37,11 +37,12 @@ class PairStats:
 
     @property
     def bytes_a_to_b(self) -> int:
-        return self.b["tx_bytes"]  # everything that left through b came from a (or from userspace for a)
+        """Bytes a received while spliced, each counted once by the verdict (redirected or passed)."""
+        return self.a["rx_bytes"]
 
     @property
     def bytes_b_to_a(self) -> int:
-        return self.a["tx_bytes"]
+        return self.b["rx_bytes"]
 
 
 def _splice_error(err: OSError, what: str) -> SpliceError:

@@ -51,7 +51,7 @@ def routed_proxy(backends, dns, start_proxy):
             ("*.example.test", f"backend.test:{b['wild'].port}"),
             (r"~^(\w+)\.svc\.test$", f"$1.internal.test:{b['regex'].port}"),
             ("*", f"*:{b['dynamic'].port}"),
-        ])
+        ], allow_private=True)  # the test backends live on loopback
         + configs.table("fb", [("app.example.test", f"127.0.0.1:{b['app'].port}")],
                         fallback=f"127.0.0.1:{b['fallback'].port}")
         + configs.table("strict", [("app.example.test", f"127.0.0.1:{b['app'].port}")])

@@ -23,7 +23,7 @@ async def _eager(relay, cl, bl, seed: int, size: int) -> None:
 
     async def start_streaming(client: socket.socket, _proxy_side: socket.socket) -> None:
         client_send.append(asyncio.create_task(send_stream(client, up, chunk=64 * 1024)))
-        await asyncio.sleep(0.002)  # let bytes pile up in the proxy's receive queue
+        await asyncio.sleep(0.0005)  # let bytes pile up in the proxy's receive queue
 
     conn = await open_conn(relay, cl, bl, hello=hello, before_relay=start_streaming)
     down = payload(seed + 1, size // 3)
@@ -45,7 +45,7 @@ async def _eager(relay, cl, bl, seed: int, size: int) -> None:
 async def test_eager_clients_keep_order_and_lose_nothing(relay, dataplane: DataPlane) -> None:
     cl, bl = listener(), listener()
     before = dataplane.traffic()
-    await asyncio.wait_for(asyncio.gather(*(_eager(relay, cl, bl, i, 4_000_000) for i in range(24))), 90)
+    await asyncio.wait_for(asyncio.gather(*(_eager(relay, cl, bl, i, 8_000_000) for i in range(16))), 90)
     after = dataplane.traffic()
     # The kernel did most of the work even though every connection started with bytes in flight.
     assert after.redir_bytes - before.redir_bytes > 0

@@ -10,12 +10,20 @@ def listener(bind: str, table: str = "default") -> str:
     return f'[[listener]]\nbind = {toml_str(bind)}\nprotocol = "tls"\ntable = {toml_str(table)}\n\n'
 
 
-def table(name: str, routes: list[tuple[str, str]], fallback: str | None = None) -> str:
+def table(name: str, routes: list[tuple[str, ...]], fallback: str | None = None,
+          allow_private: bool | list[str] = False) -> str:
+    """routes: (match, backend) or (match, backend, proxy_protocol) tuples."""
     lines = [f"[table.{name}]", "routes = ["]
-    lines += [f"  {{ match = {toml_str(m)}, backend = {toml_str(b)} }}," for m, b in routes]
+    for route in routes:
+        extra = f", proxy_protocol = {toml_str(route[2])}" if len(route) > 2 else ""
+        lines.append(f"  {{ match = {toml_str(route[0])}, backend = {toml_str(route[1])}{extra} }},")
     lines.append("]")
     if fallback:
         lines.append(f"fallback = {toml_str(fallback)}")
+    if allow_private is True:
+        lines.append("allow_private_backends = true")
+    elif allow_private:
+        lines.append("allow_private_backends = [" + ", ".join(toml_str(n) for n in allow_private) + "]")
     return "\n".join(lines) + "\n\n"
 
 

@@ -155,7 +155,7 @@ def test_values_are_read():
         mode="ipv6_only",
     )
     assert isinstance(config.resolver.timeout, float)
-    assert config.limits == LimitsConfig(1.5, 2.0, 10.0, 7, 4096, 0.0)
+    assert config.limits == LimitsConfig(client_hello_timeout=1.5, connect_timeout=2.0, idle_timeout=10.0, max_connections=7, max_client_hello_size=4096, shutdown_grace=0.0)
     assert config.log == LogConfig("console", "debug", False)
     assert config.ebpf == EbpfConfig(False, "/sys/fs/bpf/other")
 
@@ -220,7 +220,7 @@ ERROR_CASES = [
     pytest.param([MINIMAL, "[limits]\ntimeout = 1"], "limits.timeout", "unknown key", id="unknown-limits"),
     pytest.param([MINIMAL, "[log]\nfile = 'x'"], "log.file", "unknown key", id="unknown-log"),
     pytest.param([MINIMAL, "[ebpf]\nxdp = true"], "ebpf.xdp", "unknown key", id="unknown-ebpf"),
-    pytest.param([LISTENER, TABLE, "allow_private_backends = true"], "table.default.allow_private_backends", "unknown key", id="unknown-table-extra"),
+    pytest.param([LISTENER, TABLE, "weights = true"], "table.default.weights", "unknown key", id="unknown-table-extra"),
     pytest.param([MINIMAL, '[resolver]\n"two words" = 1'], 'resolver."two words"', "unknown key", id="unknown-quoted"),
     # listeners
     pytest.param([TABLE], "listener", "at least one", id="no-listener"),
@@ -456,3 +456,49 @@ def test_parse_address_rejects(text):
 def test_address_str():
     assert str(Address("::1", 443)) == "[::1]:443"
     assert str(Address("127.0.0.1", 443)) == "127.0.0.1:443"
+
+
+# -- hardening keys (issue: no open proxy, PROXY protocol, per-address limits) ----------------------
+
+HARDENED = '''
+[[listener]]
+bind = "127.0.0.1:8443"
+accept_proxy_protocol = true
+trusted = ["10.0.0.0/8", "fd00::1"]
+
+[table.default]
+allow_private_backends = ["192.168.1.0/24"]
+routes = [{ match = "*", backend = "*:443", proxy_protocol = "v2" }]
+
+[limits]
+max_connections_per_ip = 5
+'''
+
+
+def test_hardening_keys_parse():
+    config = parse_config(HARDENED)
+    (listener,) = config.listeners
+    assert listener.accept_proxy_protocol and listener.trusted == ("10.0.0.0/8", "fd00::1/128")
+    table = config.tables["default"]
+    assert table.allow_private_backends == ("192.168.1.0/24",)
+    assert table.routes[0].proxy_protocol == "v2"
+    assert config.limits.max_connections_per_ip == 5
+
+
+def test_allow_private_backends_true_means_every_network():
+    config = parse_config(HARDENED.replace('["192.168.1.0/24"]', "true"))
+    assert config.tables["default"].allow_private_backends == ("0.0.0.0/0", "::/0")
+
+
+@pytest.mark.parametrize("old, new, key_path", [
+    ('proxy_protocol = "v2"', 'proxy_protocol = "v3"', "table.default.routes[0].proxy_protocol"),
+    ('["192.168.1.0/24"]', '["not-a-net"]', "table.default.allow_private_backends[0]"),
+    ('["192.168.1.0/24"]', '"yes"', "table.default.allow_private_backends"),
+    ('trusted = ["10.0.0.0/8", "fd00::1"]', "trusted = []", "listener[0].trusted"),
+    ("accept_proxy_protocol = true", "accept_proxy_protocol = false", "listener[0].trusted"),
+    ("max_connections_per_ip = 5", "max_connections_per_ip = -1", "limits.max_connections_per_ip"),
+])
+def test_hardening_key_errors_name_the_key(old, new, key_path):
+    with pytest.raises(ConfigError) as info:
+        parse_config(HARDENED.replace(old, new))
+    assert info.value.key_path == key_path

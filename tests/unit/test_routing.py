@@ -183,3 +183,44 @@ def test_route_never_raises(sni):
     if result.dynamic:
         assert result.host == result.host.lower()
         assert result.host and ".." not in result.host and " " not in result.host
+
+
+# -- no open proxy: dynamic routes and private addresses ---------------------------------------------
+
+def _table(allow=()):
+    from sniproxy.config import RouteConfig, TableConfig
+    return RouteTable.from_config(TableConfig(
+        name="t",
+        routes=(RouteConfig("static.test", "127.0.0.1:443"), RouteConfig("*", "*:443", "v1")),
+        allow_private_backends=tuple(allow)))
+
+
+@pytest.mark.parametrize("address", [
+    "127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.0.1", "169.254.1.1", "100.64.0.1", "0.0.0.0",
+    "224.0.0.1", "::1", "fe80::1", "fd00::1", "::", "ff02::1", "::ffff:127.0.0.1",
+])
+def test_dynamic_route_refuses_non_global_addresses(address):
+    table = _table()
+    route = table.route("anything.test")
+    assert route is not None and route.dynamic and route.proxy_protocol == "v1"
+    assert not table.backend_allowed(route, address)
+
+
+@pytest.mark.parametrize("address", ["93.184.216.34", "2606:2800:220:1::1"])
+def test_dynamic_route_allows_global_addresses(address):
+    table = _table()
+    assert table.backend_allowed(table.route("anything.test"), address)
+
+
+def test_static_route_may_use_any_address():
+    table = _table()
+    route = table.route("static.test")
+    assert route is not None and not route.dynamic and route.proxy_protocol is None
+    assert table.backend_allowed(route, "127.0.0.1")
+
+
+def test_allowed_private_networks_are_honoured():
+    table = _table(["127.0.0.0/8"])
+    route = table.route("anything.test")
+    assert table.backend_allowed(route, "127.0.0.5")
+    assert not table.backend_allowed(route, "10.0.0.1")

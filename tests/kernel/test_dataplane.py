@@ -1,0 +1,97 @@
+# Loading, pinning and unloading the data plane; BTF field names in bpftool; ctypes mirrors that agree
+# with the C structs (through the kernel's BTF); typed errors from the compiler and from the kernel.
+from __future__ import annotations
+
+import ctypes as ct
+import json
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from sniproxy.kernel import maps
+from sniproxy.kernel.errors import KernelError, SpliceUnavailable
+from sniproxy.kernel.loader import PINNED_MAPS, DataPlane
+from sniproxy.kernel.probe import probe
+
+
+def _bpftool(*args: str) -> object:
+    out = subprocess.run(["bpftool", "-j", *args], check=True, capture_output=True, text=True).stdout
+    return json.loads(out)
+
+
+def test_probe_says_available_here() -> None:
+    support = probe()
+    assert support.available, support.reason
+    assert support.reason.endswith(".")
+
+
+def test_maps_are_pinned_and_traffic_stats_dump_shows_field_names(dataplane: DataPlane, pin_dir: str) -> None:
+    assert sorted(os.listdir(pin_dir)) == sorted(PINNED_MAPS)
+    out = subprocess.run(["bpftool", "map", "dump", "pinned", f"{pin_dir}/traffic_stats"],
+                         check=True, capture_output=True, text=True).stdout
+    for field in ("redir_bytes", "pass_bytes", "held_pkts", "fin_pkts", "msg_bytes"):
+        assert field in out, out[:500]
+    shown = _bpftool("map", "show", "pinned", f"{pin_dir}/sock_map")
+    assert shown["type"] == "sockhash" and shown["name"] == "sock_map"
+
+
+def test_ctypes_mirrors_match_btf(dataplane: DataPlane, pin_dir: str) -> None:
+    btf_ids = {_bpftool("map", "show", "pinned", f"{pin_dir}/conn_stats")["btf_id"]}
+    # splice_event appears only in the program's BTF (it is a ring buffer record, not a map value).
+    btf_ids |= {p["btf_id"] for p in _bpftool("prog", "show") if p.get("name") == "splice_verdict" and "btf_id" in p}
+    structs = {}
+    for btf_id in btf_ids:
+        for t in _bpftool("btf", "dump", "id", str(btf_id))["types"]:
+            if t.get("kind") == "STRUCT" and t.get("name"):
+                structs[t["name"]] = t
+    for name, mirror in maps.MIRRORS.items():
+        if name == "splice_event" and name not in structs:
+            # A ring buffer record: BCC loads no program BTF, so only the size can be checked (below).
+            assert ct.sizeof(mirror) == 24
+            continue
+        assert name in structs, f"struct {name} not in BTF"
+        c = structs[name]
+        assert c["size"] == ct.sizeof(mirror), name
+        c_fields = [(m["name"], m["bits_offset"] // 8) for m in c["members"]]
+        py_fields = [(f, getattr(mirror, f).offset) for f, _ in mirror._fields_]
+        assert c_fields == py_fields, name
+
+
+def test_load_twice_replaces_stale_pins_and_close_is_idempotent(tmp_path: Path) -> None:
+    pin_dir = f"/sys/fs/bpf/sniproxy-test-{os.getpid()}-reload"
+    first = DataPlane.load(pin_dir)
+    try:
+        second = DataPlane.load(pin_dir)  # first still holds its maps: the pins are replaced
+        second.close()
+        second.close()
+    finally:
+        first.close()
+        first.close()
+    assert not os.path.exists(pin_dir)
+    progs = subprocess.run(["bpftool", "prog", "list"], capture_output=True, text=True).stdout
+    assert progs.count("splice_verdict") <= 1  # only the session's own data plane may remain
+
+
+def test_compile_error_is_a_typed_error_with_the_compiler_message(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.c"
+    bad.write_text("int splice_verdict(struct __sk_buff *skb) { return undefined_symbol; }\n")
+    with pytest.raises(KernelError) as info:
+        DataPlane.load(f"/sys/fs/bpf/sniproxy-test-{os.getpid()}-bad", source=bad)
+    assert "undefined_symbol" in str(info.value)
+    assert not os.path.exists(f"/sys/fs/bpf/sniproxy-test-{os.getpid()}-bad")
+
+
+def test_socket_after_fin_is_refused_with_a_typed_error(dataplane: DataPlane) -> None:
+    srv = socket.create_server(("127.0.0.1", 0))
+    a = socket.create_connection(srv.getsockname())
+    b, _ = srv.accept()
+    a.shutdown(socket.SHUT_WR)
+    b.recv(1)  # b got the FIN: CLOSE_WAIT
+    with pytest.raises(SpliceUnavailable):
+        dataplane.splice_table.add_pair(b, a)
+    assert dataplane.splice_table.entries() == {"sock_map": 0, "conn_map": 0, "conn_stats": 0, "conn_ctl": 0}
+    for s in (a, b, srv):
+        s.close()

@@ -1,0 +1,159 @@
+# Behaviour under load: bounded kernel memory with a slow reader (held-back bytes stay with the
+# sender through TCP flow control), and a proxy that spends almost no CPU while the kernel splices.
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from sniproxy.kernel.loader import DataPlane
+from sniproxy.relay import Outcome
+
+from .harness import listener, payload
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+ENDPOINTS = Path(__file__).with_name("endpoints.py")
+
+
+def tcp_mem_bytes() -> int:
+    with open("/proc/net/sockstat") as f:
+        for line in f:
+            if line.startswith("TCP:"):
+                fields = line.split()
+                return int(fields[fields.index("mem") + 1]) * PAGE
+    raise AssertionError("no TCP line in /proc/net/sockstat")
+
+
+def _proxy_cpu_seconds() -> float:
+    with open("/proc/self/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def test_slow_reader_keeps_tcp_memory_bounded(relay, dataplane: DataPlane) -> None:
+    """Client sends as fast as it can, the backend reads 20 MB/s: TCP memory stays < 64 MiB above
+    baseline for the whole run, and every byte still arrives in order."""
+    baseline = tcp_mem_bytes()
+    loop = asyncio.get_running_loop()
+    cl, bl = listener(), listener()
+    client = socket.create_connection(cl.getsockname())
+    proxy_client, _ = await loop.sock_accept(cl)
+    proxy_client.setblocking(False)
+    client.sendall(b"HELLO\n")
+    first = await loop.sock_recv(proxy_client, 100)
+    proxy_backend = socket.socket()
+    proxy_backend.setblocking(False)
+    await loop.sock_connect(proxy_backend, bl.getsockname())
+    backend, _ = await loop.sock_accept(bl)
+    backend.setblocking(True)
+    task = asyncio.create_task(relay.relay(proxy_client, proxy_backend, first, 30))
+
+    size = 160_000_000
+    data = payload(11, size)
+    slow_for = 4.0
+    peak = [0]
+    received: list[tuple[int, str]] = []
+
+    def send() -> None:
+        view = memoryview(data)
+        for i in range(0, size, 1 << 20):
+            client.sendall(view[i:i + (1 << 20)])
+        client.shutdown(socket.SHUT_WR)
+
+    def read() -> None:
+        h = hashlib.sha256()
+        n = 0
+        t0 = time.monotonic()
+        while True:
+            slow = time.monotonic() - t0 < slow_for
+            chunk = backend.recv(65536 if slow else 1 << 20)
+            if not chunk:
+                break
+            h.update(chunk)
+            n += len(chunk)
+            if slow:
+                ahead = n / 20e6 - (time.monotonic() - t0)
+                if ahead > 0:
+                    time.sleep(ahead)
+        received.append((n, h.hexdigest()))
+
+    def sample(stop: threading.Event) -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], tcp_mem_bytes() - baseline)
+            time.sleep(0.02)
+
+    stop = threading.Event()
+    threads = [threading.Thread(target=f) for f in (send, read)]
+    sampler = threading.Thread(target=sample, args=(stop,))
+    sampler.start()
+    for th in threads:
+        th.start()
+    await asyncio.sleep(slow_for)
+    stop.set()
+    sampler.join()
+    backend_done = loop.run_in_executor(None, threads[1].join)
+    client_read = loop.run_in_executor(None, lambda: client.recv(1))  # EOF once the backend closes
+    await asyncio.wait_for(loop.run_in_executor(None, threads[0].join), 60)
+    await asyncio.wait_for(backend_done, 60)
+    backend.shutdown(socket.SHUT_WR)
+    assert await asyncio.wait_for(client_read, 10) == b""
+    result = await asyncio.wait_for(task, 10)
+    assert received == [(len(first) + size, hashlib.sha256(first + data).hexdigest())]
+    assert result.outcome is Outcome.CLOSED and result.bytes_up == len(first) + size
+    assert peak[0] < 64 << 20, f"TCP memory grew {peak[0] >> 20} MiB above baseline"
+    for s in (client, backend, cl, bl):
+        s.close()
+
+
+async def test_proxy_cpu_is_small_while_kernel_splices(relay, dataplane: DataPlane) -> None:
+    """1 GB through one spliced connection; endpoints run in another process. The proxy process's
+    CPU time stays under 5% of the wall time."""
+    size = 1_000_000_000
+    loop = asyncio.get_running_loop()
+    sink = subprocess.Popen([sys.executable, str(ENDPOINTS), "sink"], stdout=subprocess.PIPE, text=True)
+    source = None
+    try:
+        port = json.loads(sink.stdout.readline())["port"]
+        cl = listener()
+        source = subprocess.Popen([sys.executable, str(ENDPOINTS), "source", "--port", str(cl.getsockname()[1]),
+                                   "--bytes", str(size)], stdout=subprocess.PIPE, text=True)
+        proxy_client, _ = await loop.sock_accept(cl)
+        proxy_client.setblocking(False)
+        first = await loop.sock_recv(proxy_client, 6)
+        proxy_backend = socket.socket()
+        proxy_backend.setblocking(False)
+        await loop.sock_connect(proxy_backend, ("127.0.0.1", port))
+        cpu0, t0 = _proxy_cpu_seconds(), time.monotonic()
+        result = await asyncio.wait_for(relay.relay(proxy_client, proxy_backend, first, 30), 60)
+        cpu, wall = _proxy_cpu_seconds() - cpu0, time.monotonic() - t0
+        done = json.loads(await loop.run_in_executor(None, sink.stdout.readline))
+        assert done["bytes"] == len(first) + size
+        assert result.bytes_up == len(first) + size and result.outcome is Outcome.CLOSED
+        print(f"1 GB spliced in {wall:.2f} s: proxy CPU {cpu:.3f} s = {100 * cpu / wall:.1f}% of wall")
+        assert cpu < 0.05 * wall, f"proxy used {cpu:.2f} s CPU in {wall:.2f} s"
+        cl.close()
+    finally:
+        for proc in (sink, source):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.mark.slow
+async def test_50mb_connections_both_directions(relay) -> None:
+    from .test_splice_basic import _roundtrip
+
+    cl, bl = listener(), listener()
+    await asyncio.wait_for(asyncio.gather(*(_roundtrip(relay, cl, bl, i, 50_000_000, 50_000_000)
+                                            for i in range(4))), 120)
+    cl.close()
+    bl.close()
