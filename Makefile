@@ -3,7 +3,7 @@ PY := .venv/bin/python
 CONFIG ?= config.toml
 PYTEST_ARGS ?=
 
-.PHONY: setup run test check bench clean
+.PHONY: setup run test check bench fuzz clean
 
 setup:
 	@bash scripts/setup.sh
@@ -20,6 +20,12 @@ test: setup
 
 bench: setup
 	$(PY) bench/run_all.py
+
+# Ten minutes of coverage-guided fuzzing of the ClientHello and PROXY header readers.
+FUZZ_SECONDS ?= 600
+fuzz: setup
+	mkdir -p .fuzz/corpus
+	$(PY) fuzz/fuzz_client_hello.py -max_total_time=$(FUZZ_SECONDS) -timeout=5 -artifact_prefix=.fuzz/ .fuzz/corpus
 
 clean:
 	rm -rf .venv .pytest_cache .hypothesis
