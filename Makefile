@@ -3,7 +3,7 @@ PY := .venv/bin/python
 CONFIG ?= config.toml
 PYTEST_ARGS ?=
 
-.PHONY: setup run test check bench fuzz clean
+.PHONY: setup run test check bench fuzz install clean
 
 setup:
 	@bash scripts/setup.sh
@@ -18,14 +18,22 @@ check: setup
 test: setup
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
 
-bench: setup
-	$(PY) bench/run_all.py
+# Peers side by side (docs/benchmarks.md): installs nginx, haproxy, sniproxy and matplotlib first.
+BENCH_ARGS ?=
+bench:
+	@bash scripts/setup.sh --bench
+	$(PY) bench/run_all.py $(BENCH_ARGS)
 
 # Ten minutes of coverage-guided fuzzing of the ClientHello and PROXY header readers.
 FUZZ_SECONDS ?= 600
 fuzz: setup
 	mkdir -p .fuzz/corpus
 	$(PY) fuzz/fuzz_client_hello.py -max_total_time=$(FUZZ_SECONDS) -timeout=5 -artifact_prefix=.fuzz/ .fuzz/corpus
+
+# As root: a venv in /opt/sniproxy, /etc/sniproxy/config.toml (never overwritten), the systemd unit.
+# PREFIX=, CONFDIR=, UNITDIR= relocate them (docs/operations.md).
+install: setup
+	bash scripts/install.sh
 
 clean:
 	rm -rf .venv .pytest_cache .hypothesis

@@ -79,7 +79,7 @@ int splice_verdict(struct __sk_buff *skb)
 		ADD(ts->no_peer_pkts, 1);
 		goto pass;
 	}
-	if (pst->queued > (s64)queue_limit()) {
+	if (pst->queued - ctl->queued_adj > (s64)queue_limit()) {
 		reason = SPLICE_HOLD_QUEUE;
 		ADD(ts->held_bytes, len);
 		ADD(ts->held_pkts, 1);

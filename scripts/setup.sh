@@ -7,7 +7,18 @@ set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 venv="$top/.venv"
 apt_packages=(python3 python3-venv python3-dev python3-bpfcc bpftool linux-headers-amd64 iproute2
-              procps openssl curl gcc make)
+              procps openssl curl gcc make systemd-container)
+# `setup.sh --bench` (only `make bench`) also installs the peers the benchmark compares against; their
+# packaged services are never started (see install_packages) and the bench runs them from temp configs.
+bench_packages=(nginx libnginx-mod-stream haproxy sniproxy)
+# bench/xdp_drop.py: the same allow-list as nftables rules, and trafgen (netsniff-ng) for the SYN flood.
+bench_packages+=(nftables netsniff-ng)
+bench=0
+case "${1:-}" in
+  --bench) bench=1; apt_packages+=("${bench_packages[@]}") ;;
+  "") ;;
+  *) printf 'usage: %s [--bench]\n' "$0" >&2; exit 2 ;;
+esac
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 
@@ -27,8 +38,26 @@ install_packages() {
   fi
   log "installing Debian packages: $(echo $missing)"
   apt-get update -q >/dev/null
+  # Daemons (nginx, haproxy, sniproxy) must not start on install: invoke-rc.d asks policy-rc.d, and
+  # 101 means "not allowed". An existing policy-rc.d is the machine's own and is left as it is.
+  local policy=/usr/sbin/policy-rc.d own_policy=0 rc=0
+  if [ ! -e "$policy" ]; then
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod 755 "$policy" && own_policy=1
+  fi
   # shellcheck disable=SC2086
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q $missing >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q $missing >/dev/null || rc=$?
+  if [ "$own_policy" = 1 ]; then rm -f "$policy"; trap - EXIT; fi
+  [ "$rc" = 0 ] || { log "apt-get install failed ($rc)"; exit "$rc"; }
+}
+
+# After installing the peers nothing of theirs may listen (the system configs bind 80/443).
+check_no_peer_listening() {
+  local found
+  found=$(ss -Hltnp '( sport = :80 or sport = :443 )' 2>/dev/null | grep -E '"(nginx|haproxy|sniproxy)"' || true)
+  [ -z "$found" ] && return 0
+  log "a packaged peer daemon is listening; stop it before benchmarking:"; printf '%s\n' "$found" >&2
+  exit 1
 }
 
 # BCC compiles against /lib/modules/$(uname -r)/{build,source}. No Debian package matches this VM's
@@ -60,6 +89,20 @@ make_venv() {
   echo "$want" > "$stamp"
 }
 
+# The bench extra (matplotlib for the chart) only for `make bench`, so `make test` never pulls it.
+bench_venv() {
+  local stamp="$venv/.bench-stamp" want
+  want=$(cat "$top/pyproject.toml" | sha256sum | cut -d' ' -f1)
+  [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && return 0
+  log "installing the bench extra into $venv"
+  "$venv/bin/python" -m pip install -q -e "$top[test,bench]"
+  echo "$want" > "$stamp"
+}
+
 install_packages
 link_kernel_headers
 make_venv
+if [ "$bench" = 1 ]; then
+  bench_venv
+  check_no_peer_listening
+fi

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import sys
 
 import structlog
@@ -24,6 +25,31 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--log-format", choices=("json", "console"), help="override [log] format")
     check = commands.add_parser("check", help="validate a config file and exit")
     check.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="config file (default: %(default)s)")
+    allow = commands.add_parser("allow", help="show or edit the running proxy's XDP allow-list "
+                                "(live only: config.toml is not changed)")
+    allow.add_argument("-c", "--config", default=DEFAULT_CONFIG,
+                       help="config file whose [ebpf] pin_dir to use (default: %(default)s)")
+    allow.add_argument("--pin-dir", help="bpffs directory of the running proxy (overrides -c)")
+    allow_ops = allow.add_subparsers(dest="allow_command", required=True)
+    allow_ops.add_parser("list", help="print the live allow-list and the filter's counters")
+    allow_ops.add_parser("add", help="let a CIDR in").add_argument("cidr")
+    delete = allow_ops.add_parser("del", help="stop letting a CIDR in")
+    delete.add_argument("cidr")
+    delete.add_argument("--force", action="store_true", help="allow removing the last entry")
+    dns = commands.add_parser("dns", help="list the pinned DNS cache (names, addresses, TTL left), "
+                              "or flush it; no running proxy needed")
+    dns.add_argument("-c", "--config", default=DEFAULT_CONFIG,
+                     help="config file whose [ebpf] pin_dir to use (default: %(default)s)")
+    dns.add_argument("--pin-dir", help="bpffs directory holding dns_cache (overrides -c)")
+    dns_ops = dns.add_subparsers(dest="dns_command")
+    dns_ops.add_parser("flush", help="forget one name, or every name").add_argument("name", nargs="?")
+    stats = commands.add_parser("stats", help="print the kernel's byte counters and the top spliced "
+                                "connections from the pinned maps; no running proxy needed")
+    stats.add_argument("-c", "--config", default=DEFAULT_CONFIG,
+                       help="config file whose [ebpf] pin_dir to use (default: %(default)s)")
+    stats.add_argument("--pin-dir", help="bpffs directory of the proxy's maps (overrides -c)")
+    stats.add_argument("--top", type=int, default=10, help="connections to list (default: %(default)s)")
+    stats.add_argument("--json", action="store_true", help="one JSON document, for scripts")
     return parser
 
 
@@ -47,21 +73,130 @@ def _run(path: str, log_format: str | None) -> int:
     logconf.configure(log_format or config.log.format, config.log.level)
     import uvloop
 
-    from sniproxy.dataplane import open_relay
+    from sniproxy.dataplane import DataPlaneError, open_dns_cache, open_relay, open_xdp
+    from sniproxy.resolver import Resolver
     from sniproxy.server import Server
+    from sniproxy.systemd import Notifier
 
     async def main() -> None:
         with open_relay(config.ebpf) as relay:
-            server = Server(config, relay=relay)
-            server.bind()
-            await server.serve()
+            # The XDP gate goes up before the listeners bind: no client outside the allow-list can
+            # finish a handshake into the accept queue in between.
+            ports = [listener.bind.port for listener in config.listeners]
+            with open_xdp(config.xdp, config.ebpf.pin_dir, ports) as xdp, \
+                    open_dns_cache(config.ebpf, config.resolver) as dns_cache:
+                resolver = Resolver(config.resolver, dns_cache)
+                server = Server(config, relay=relay, xdp=xdp, resolver=resolver,
+                                notifier=Notifier.from_environ())
+                server.bind()
+                await server.serve()
 
     try:
         uvloop.run(main())
-    except OSError as exc:  # e.g. the listen address is taken: say so in one line, not a traceback
+    except (OSError, DataPlaneError) as exc:  # e.g. the address is taken: one line, not a traceback
         structlog.get_logger("sniproxy").error("start_failed", error=str(exc))
         return 1
     return 0
+
+
+def _allow(args: argparse.Namespace) -> int:
+    """`sniproxy allow list | add CIDR | del CIDR` on the allow-list the running proxy pinned."""
+    pin_dir = args.pin_dir
+    if pin_dir is None:
+        try:
+            pin_dir = load_config(args.config).ebpf.pin_dir
+        except ConfigError as exc:
+            print(f"sniproxy: invalid config: {exc} (or pass --pin-dir)", file=sys.stderr)
+            return EXIT_CONFIG
+    from sniproxy.dataplane import DataPlaneError, PinnedAllowList
+
+    not_saved = (f"live allow-list only: {args.config} is not changed, and the next restart or "
+                 f"SIGHUP sets the list back to its xdp.allow")
+    try:
+        with PinnedAllowList(pin_dir) as allow_list:
+            if allow_list.in_use() is False:
+                print(f"sniproxy: warning: no running XDP filter uses the allow-list in {pin_dir} "
+                      f"(left behind by a proxy that was killed?)", file=sys.stderr)
+            if args.allow_command == "list":
+                for cidr in allow_list.entries():
+                    print(cidr)
+                verdicts = allow_list.verdicts()
+                if verdicts is not None:
+                    print(" ".join(f"{k}={v}" for k, v in verdicts.items()), file=sys.stderr)
+                return 0
+            cidr = str(ipaddress.ip_network(args.cidr.strip(), strict=True))
+            if args.allow_command == "add":
+                added = allow_list.add(cidr)
+                print(f"{'added' if added else 'already present:'} {cidr} ({not_saved})")
+                return 0
+            if args.allow_command == "del":
+                entries = allow_list.entries()
+                if cidr not in entries:
+                    print(f"sniproxy: {cidr} is not in the allow-list", file=sys.stderr)
+                    return 1
+                if entries == [cidr] and not args.force:
+                    print(f"sniproxy: refusing to remove the last entry ({cidr}): every client would "
+                          f"be dropped; use --force to do it anyway", file=sys.stderr)
+                    return 1
+                allow_list.delete(cidr)
+                print(f"removed {cidr} ({not_saved})")
+                return 0
+    except ValueError as exc:  # a malformed CIDR
+        print(f"sniproxy: not a CIDR: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except DataPlaneError as exc:
+        print(f"sniproxy: {exc}", file=sys.stderr)
+        return 1
+    raise AssertionError(args.allow_command)
+
+
+def _dns(args: argparse.Namespace) -> int:
+    """`sniproxy dns [flush [NAME]]` on the dns_cache map pinned under [ebpf] pin_dir."""
+    pin_dir = args.pin_dir
+    if pin_dir is None:
+        try:
+            pin_dir = load_config(args.config).ebpf.pin_dir
+        except ConfigError as exc:
+            print(f"sniproxy: invalid config: {exc} (or pass --pin-dir)", file=sys.stderr)
+            return EXIT_CONFIG
+    from sniproxy.dataplane import DataPlaneError, pinned_dns_cache
+    from sniproxy.dnscache import now, render
+
+    try:
+        cache = pinned_dns_cache(pin_dir)
+    except DataPlaneError as exc:
+        print(f"sniproxy: {exc}", file=sys.stderr)
+        return 1
+    try:
+        if args.dns_command == "flush":
+            name = args.name.lower().rstrip(".") if args.name else None
+            removed = cache.flush(name)
+            if name is not None and not removed:
+                print(f"sniproxy: {name} is not cached", file=sys.stderr)
+                return 1
+            print(f"flushed {name if name else f'{removed} name(s)'}")
+            return 0
+        for line in render(list(cache.entries()), now()):
+            print(line)
+        return 0
+    except OSError as exc:
+        print(f"sniproxy: {cache.path}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        cache.close()
+
+
+def _stats(args: argparse.Namespace) -> int:
+    pin_dir = args.pin_dir
+    if pin_dir is None:
+        try:
+            pin_dir = load_config(args.config).ebpf.pin_dir
+        except ConfigError as exc:
+            print(f"sniproxy: invalid config: {exc} (or pass --pin-dir)", file=sys.stderr)
+            return EXIT_CONFIG
+    from sniproxy import stats
+
+    return stats.run(pin_dir, max(args.top, 0), args.json)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,6 +205,12 @@ def main(argv: list[str] | None = None) -> int:
         return _check(args.config)
     if args.command == "run":
         return _run(args.config, args.log_format)
+    if args.command == "allow":
+        return _allow(args)
+    if args.command == "dns":
+        return _dns(args)
+    if args.command == "stats":
+        return _stats(args)
     raise AssertionError(args.command)
 
 

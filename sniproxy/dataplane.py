@@ -2,10 +2,12 @@
 # copy. The decision and its reason are logged once at start; a failure here never stops the proxy.
 # Also sets up the XDP allow-list ([xdp]): unlike splice it is a security control, so when it is
 # enabled and cannot be attached the proxy does not start (DataPlaneError) rather than run unfiltered.
+# And picks the resolver's cache: the pinned dns_cache map when BPF can be used, else memory (logged).
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -151,7 +153,8 @@ class PinnedAllowList:
     def delete(self, cidr: str) -> bool:
         return self._call(self._map.delete, self._network(cidr))
 
-    def in_use(self) -> bool:
+    def in_use(self) -> bool | None:
+        """Whether a running filter uses this list; None when this process cannot tell."""
         return self._call(self._map.in_use)
 
     def verdicts(self) -> dict[str, int] | None:
@@ -166,3 +169,62 @@ class PinnedAllowList:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# DNS cache
+
+if TYPE_CHECKING:
+    from sniproxy.config import ResolverConfig
+    from sniproxy.dnscache import BpfDnsCache, DnsCache
+
+
+@contextlib.contextmanager
+def open_dns_cache(ebpf: EbpfConfig, resolver: ResolverConfig) -> Iterator[DnsCache]:
+    """The resolver's cache: the pinned dns_cache map (shared by every proxy process, kept across
+    restarts) when this process may use BPF, else in-process memory. One `dns_cache` log line says
+    which and why; like splice, a failure here never stops the proxy."""
+    from sniproxy.dnscache import BpfDnsCache, MemoryDnsCache
+
+    def memory(reason: str, warn: bool = True) -> MemoryDnsCache:
+        (log.warning if warn else log.info)("dns_cache", mode="memory", reason=reason)
+        return MemoryDnsCache(resolver.cache_size)
+
+    cache: DnsCache
+    if not ebpf.splice:
+        cache = memory("[ebpf] splice = false: the proxy uses no BPF", warn=False)
+    else:
+        try:
+            from sniproxy.kernel.dnsmap import DnsMap
+            from sniproxy.kernel.probe import probe
+        except ImportError as exc:
+            cache = memory(f"kernel data plane not importable: {exc}")
+        else:
+            support = probe()
+            if not support.available:
+                cache = memory(support.reason)
+            else:
+                try:
+                    dns_map = DnsMap.load(ebpf.pin_dir, resolver.cache_size)
+                except Exception as exc:  # KernelError and anything BCC raises: fall back, say why
+                    cache = memory(f"the dns_cache map failed to load: {exc}")
+                else:
+                    cache = BpfDnsCache(dns_map)
+                    log.info("dns_cache", mode="kernel", path=dns_map.path, size=dns_map.info.max_entries)
+    try:
+        yield cache
+    finally:
+        cache.close()
+
+
+def pinned_dns_cache(pin_dir: str) -> BpfDnsCache:
+    """The dns_cache map a proxy pinned under pin_dir, for `sniproxy dns` (no compile, and reads do
+    not change the LRU order). Raises DataPlaneError when there is none."""
+    from sniproxy.dnscache import BpfDnsCache
+    from sniproxy.kernel.dnsmap import DnsMap
+    from sniproxy.kernel.errors import KernelError
+
+    try:
+        return BpfDnsCache(DnsMap.open(pin_dir))
+    except KernelError as exc:
+        raise DataPlaneError(str(exc)) from exc

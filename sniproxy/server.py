@@ -15,6 +15,7 @@ import structlog
 
 from sniproxy.config import Config, ConfigError, ListenerConfig, load_config
 from sniproxy.connection import Connection, Policy, access_log
+from sniproxy.dataplane import DataPlaneError, XdpGate
 from sniproxy.relay import CopyRelay, Relay
 from sniproxy.resolver import Resolver
 from sniproxy.routing import RouteTable
@@ -80,7 +81,8 @@ class Server:
     relay: Relay = field(default_factory=CopyRelay)
     resolver: Resolver | None = None
     reloads: int = 0
-    notifier: Notifier = field(default_factory=Notifier.from_environ)
+    notifier: Notifier = field(default_factory=Notifier.disabled)  # the CLI passes the real one
+    xdp: XdpGate | None = None  # the running XDP allow-list ([xdp] enabled), replaced on reload
 
     def __post_init__(self) -> None:
         self._policies = build_policies(self.config)
@@ -91,6 +93,7 @@ class Server:
         self._reload = asyncio.Event()
         self.rejected_over_limit = 0
         self.accepted = 0
+        self._last_reload_ok = True
         self._heartbeat: asyncio.TimerHandle | None = None
         if self.resolver is None:
             self.resolver = Resolver(self.config.resolver)
@@ -147,7 +150,7 @@ class Server:
                 if self._reload.is_set() and not self._stop.is_set():
                     self._reload.clear()
                     self.notifier.reloading()
-                    self.reload()
+                    self._last_reload_ok = self.reload()
                     self.notifier.ready(self.status_line())
         finally:
             for sig in handled:
@@ -179,16 +182,40 @@ class Server:
                         reason="listener changes need a restart; routes and limits were reloaded")
             config = _with_listeners(config, self.config.listeners)
             policies = build_policies(config)
+        config = self._reload_xdp(config)
+        if config is None:
+            return False
         self.config = config
         self._policies = policies
         self.reloads += 1
         log.info("reloaded", source=config.source, reloads=self.reloads)
         return True
 
+    def _reload_xdp(self, config: Config) -> Config | None:
+        """Put the new xdp.allow into the running filter in place (no detach: adds land before
+        deletes). Interfaces, mode and enabled need a restart. None when the kernel refused."""
+        running = self.config.xdp
+        new = config.xdp
+        if (new.enabled, new.interfaces, new.mode) != (running.enabled, running.interfaces, running.mode):
+            log.warning("reload_xdp_unchanged", reason="[xdp] enabled, interfaces and mode need a "
+                        "restart; only xdp.allow is reloaded")
+        if self.xdp is None or not new.enabled:
+            return dataclasses.replace(config, xdp=running)
+        try:
+            added, removed = self.xdp.replace(new.allow)
+        except DataPlaneError as exc:
+            log.error("reload_failed", error=f"xdp.allow: {exc}", kept="previous configuration")
+            return None
+        if added or removed:
+            log.info("xdp_allow_replaced", added=added, removed=removed, entries=len(new.allow))
+        return dataclasses.replace(config, xdp=dataclasses.replace(running, allow=new.allow))
+
     def status_line(self) -> str:
         """One line for systemd's STATUS= (shown by `systemctl status`)."""
-        return (f"relay={self.relay.mode} connections={len(self._connections)} accepted={self.accepted} "
+        line = (f"relay={self.relay.mode} connections={len(self._connections)} accepted={self.accepted} "
                 f"over_limit={self.rejected_over_limit} reloads={self.reloads}")
+        # A rejected file leaves the old config running: show that next to the reload count.
+        return line if self._last_reload_ok else line + " last_reload=failed"
 
     def _schedule_heartbeat(self) -> None:
         # A timer on the event loop itself: if the loop stalls, the pings stop and systemd's

@@ -46,6 +46,10 @@ class Notifier:
             watchdog = int(env["WATCHDOG_USEC"]) or None
         return cls(env.get("NOTIFY_SOCKET") or None, watchdog)
 
+    @classmethod
+    def disabled(cls) -> Notifier:
+        return cls(None)
+
     @property
     def enabled(self) -> bool:
         return self._address is not None

@@ -75,7 +75,7 @@ class ConnStats(ct.Structure):
 
 
 class ConnCtl(ct.Structure):
-    _fields_ = [("release_at", ct.c_uint64)]
+    _fields_ = [("release_at", ct.c_uint64), ("queued_adj", ct.c_int64)]
 
 
 class SpliceCfg(ct.Structure):

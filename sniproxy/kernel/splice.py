@@ -121,14 +121,14 @@ class SpliceTable:
         value = maps.ConnStats()
         return value if maps.lookup(self._fds["conn_stats"], ct.c_uint64(cookie), value) else None
 
-    def release(self, cookie: int, release_at: int) -> None:
+    def release(self, cookie: int, release_at: int, queued_adj: int = 0) -> None:
         """Let the verdict redirect again once conn_stats.pass_bytes == release_at (userspace has
-        forwarded exactly that many of the bytes the verdict left to it)."""
-        maps.update(self._fds["conn_ctl"], ct.c_uint64(cookie), maps.ConnCtl(release_at), maps.BPF_EXIST,
-                    what="conn_ctl")
+        forwarded exactly that many of the bytes the verdict left to it). queued_adj: see conn_ctl."""
+        maps.update(self._fds["conn_ctl"], ct.c_uint64(cookie), maps.ConnCtl(release_at, queued_adj),
+                    maps.BPF_EXIST, what="conn_ctl")
 
-    def hold(self, cookie: int) -> None:
-        self.release(cookie, maps.SNIPROXY_HOLD_ALL)
+    def hold(self, cookie: int, queued_adj: int = 0) -> None:
+        self.release(cookie, maps.SNIPROXY_HOLD_ALL, queued_adj)
 
     def read_events(self) -> list[maps.SpliceEvent]:
         """Hold notifications written by the verdict since the last call."""

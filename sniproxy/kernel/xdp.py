@@ -135,7 +135,8 @@ def _prog_info(prog_id: int, map_ids: ct.Array | None = None) -> _ProgInfo | Non
     try:
         fd = _bpf(_BPF_PROG_GET_FD_BY_ID, attr, f"program {prog_id}")
     except OSError as e:
-        if e.errno == errno.ENOENT:
+        # EPERM: looking programs up by id needs CAP_SYS_ADMIN, which CAP_BPF alone does not give.
+        if e.errno in (errno.ENOENT, errno.EPERM):
             return None
         raise
     try:
@@ -172,7 +173,7 @@ def xdp_program_on(ifname: str) -> tuple[int, str] | None:
     if prog_id.value == 0:
         return None
     info = _prog_info(prog_id.value)
-    return (prog_id.value, info.name.decode(errors="replace") if info else "?")
+    return (prog_id.value, info.name.decode(errors="replace") if info else "<unknown: needs CAP_SYS_ADMIN>")
 
 
 def _ifindex(ifname: str) -> int:
@@ -324,16 +325,20 @@ class PinnedAllowList(AllowListMap):
         finally:
             os.close(fd)
 
-    def in_use(self) -> bool:
+    def in_use(self) -> bool | None:
         """True when a loaded xdp_ip_filter program uses this map (a proxy killed with SIGKILL leaves
-        its pins behind, but its program and links die with it)."""
-        for prog_id in _prog_ids():
-            ids = (ct.c_uint32 * 16)()
-            info = _prog_info(prog_id, ids)
-            if info is None or info.type != _BPF_PROG_TYPE_XDP or info.name.decode() != PROG_NAME:
-                continue
-            if self.map_id in list(ids)[:min(info.nr_map_ids, len(ids))]:
-                return True
+        its pins behind, but its program and links die with it). None when this process may not list
+        programs (that needs CAP_SYS_ADMIN)."""
+        try:
+            for prog_id in _prog_ids():
+                ids = (ct.c_uint32 * 16)()
+                info = _prog_info(prog_id, ids)
+                if info is None or info.type != _BPF_PROG_TYPE_XDP or info.name.decode() != PROG_NAME:
+                    continue
+                if self.map_id in list(ids)[:min(info.nr_map_ids, len(ids))]:
+                    return True
+        except PermissionError:
+            return None
         return False
 
     def close(self) -> None:
@@ -404,29 +409,29 @@ class XdpAllowList:
         if error is not None:
             raise KernelError(f"compiling or loading {XDP_SRC} failed", messages().strip() or str(error))
         try:
-            self = cls(bpf, pin_dir)
+            gate = cls(bpf, pin_dir)
         except BaseException:
             bpf.cleanup()
             raise
         try:
-            self.prog_fd = fn.fd
+            gate.prog_fd = fn.fd
             for port in ports:
-                maps.update(self.fds["xdp_ports"], ct.c_uint16(port), ct.c_uint8(1), what="xdp_ports")
-            self.allow_list.replace(allow)
+                maps.update(gate.fds["xdp_ports"], ct.c_uint16(port), ct.c_uint8(1), what="xdp_ports")
+            gate.allow_list.replace(allow)
             os.makedirs(pin_dir, exist_ok=True)
             for name in PINNED_MAPS:
                 path = os.path.join(pin_dir, name)
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)  # stale pin from an earlier run
-                pin_fd(self.fds[name], path)
-                self._pinned.append(path)
+                pin_fd(gate.fds[name], path)
+                gate._pinned.append(path)
         except maps.MapError as e:
-            self.close()
+            gate.close()
             raise KernelError("filling the XDP maps failed", str(e)) from e
         except BaseException:
-            self.close()
+            gate.close()
             raise
-        return self
+        return gate
 
     # -- attach -----------------------------------------------------------------------------------
     def attach(self, ifname: str, mode: str = "auto") -> Attachment:

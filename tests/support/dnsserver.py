@@ -78,6 +78,8 @@ class DnsServer:
                 data, peer = self._udp.recvfrom(4096)
             except OSError:
                 return
+            if self._stopping or not data:
+                return
             reply = self.answer(data)
             if reply is not None:
                 self._udp.sendto(reply, peer)

@@ -1,0 +1,289 @@
+# The installed unit under a real systemd: systemd as PID 1 in a systemd-nspawn container whose root is
+# an overlay of this machine's own / (tmpfs upper dir) with a private bpffs on /sys/fs/bpf. scripts/
+# install.sh runs inside it; the TLS backends run here (the container shares the host's network
+# namespace, so loopback works both ways). The container and every mount are removed in finalizers.
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import configs
+from tests.support.backends import TlsBackend, client_context, server_context, who
+
+REPO = Path(__file__).resolve().parents[2]
+# Host units enabled on this machine that would otherwise start inside the container (postgresql
+# would even bind the shared loopback).
+_MASK = ("postgresql.service", "e2scrub_reap.service", "systemd-timesyncd.service", "systemd-pstore.service",
+         "getty@tty1.service", "apt-daily.timer", "apt-daily-upgrade.timer", "dpkg-db-backup.timer",
+         "e2scrub_all.timer", "fstrim.timer", "man-db.timer")
+
+
+class Container:
+    """A booted systemd container. run() executes a command inside it (all its namespaces)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.base = Path(tempfile.mkdtemp(prefix=f"{name}-", dir="/tmp"))
+        self.root = self.base / "root"
+        self.bpffs = self.base / "bpf"  # the container's /sys/fs/bpf, seen from the host
+        self._mounts: list[Path] = []
+        self.nspawn: subprocess.Popen[bytes] | None = None
+        self.pid = 0  # the container's systemd, as seen from the host
+
+    def _mount(self, *argv: str, target: Path) -> None:
+        subprocess.run(["mount", *argv, str(target)], check=True, capture_output=True)
+        self._mounts.append(target)
+
+    def start(self) -> Container:
+        self._mount("-t", "tmpfs", "-o", "size=2g,mode=0700", "tmpfs", target=self.base)
+        for d in ("upper", "work", "root", "bpf"):
+            (self.base / d).mkdir()
+        self._mount("-t", "overlay", "-o", f"lowerdir=/,upperdir={self.base}/upper,workdir={self.base}/work",
+                    "overlay", target=self.root)
+        self._mount("-t", "bpf", "bpf", target=self.bpffs)  # a new bpffs instance: pins stay private
+        argv = ["systemd-nspawn", "--boot", "--register=no", "--keep-unit", "--console=passive",
+                f"--machine={self.name}", "-D", str(self.root),
+                "--system-call-filter=bpf", "--capability=CAP_BPF,CAP_NET_ADMIN,CAP_PERFMON",
+                f"--bind={self.bpffs}:/sys/fs/bpf",
+                # The checkout is live: the overlay's lower layer must not change under it.
+                f"--bind-ro={REPO}", *(f"systemd.mask={u}" for u in _MASK)]
+        self.nspawn = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=open(self.base / "nspawn.log", "wb"),
+                                       stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.nspawn.poll() is not None:
+                raise AssertionError(f"systemd-nspawn exited: {self.log()}")
+            found = subprocess.run(["pgrep", "-P", str(self.nspawn.pid), "-x", "systemd"],
+                                   capture_output=True, text=True).stdout.split()
+            if found:
+                self.pid = int(found[0])
+                state = self.run("systemctl", "is-system-running", "--wait", check=False, timeout=60)
+                if state.stdout.strip() in ("running", "degraded"):
+                    return self
+            time.sleep(0.2)
+        raise AssertionError(f"container did not boot: {self.log()}")
+
+    def log(self) -> str:
+        path = self.base / "nspawn.log"
+        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+    def run(self, *argv: str, check: bool = True, timeout: float = 120,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run(["nsenter", "-t", str(self.pid), "-a", *argv], capture_output=True, text=True,
+                             timeout=timeout, input=input)
+        if check and res.returncode != 0:
+            raise AssertionError(f"{' '.join(argv)} exited {res.returncode}:\n{res.stdout}\n{res.stderr}")
+        return res
+
+    def systemctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        res = self.run("systemctl", "--no-pager", *args, check=False)
+        if check and res.returncode != 0:
+            journal = self.run("journalctl", "-u", "sniproxy", "-n", "40", "--no-pager", check=False).stdout
+            raise AssertionError(f"systemctl {' '.join(args)} exited {res.returncode}:\n{res.stdout}\n"
+                                 f"{res.stderr}\njournal:\n{journal}")
+        return res
+
+    def show(self, unit: str, *props: str) -> dict[str, str]:
+        out = self.systemctl("show", unit, *(f"--property={p}" for p in props)).stdout
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    def write(self, path: str, text: str) -> None:
+        self.run("sh", "-c", f"cat > {path}", input=text)
+
+    def close(self) -> None:
+        if self.nspawn is not None and self.nspawn.poll() is None:
+            self.nspawn.send_signal(signal.SIGTERM)  # systemd in the container: clean poweroff
+            try:
+                self.nspawn.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.nspawn.pid, signal.SIGKILL)
+                self.nspawn.wait(10)
+        for target in reversed(self._mounts):
+            res = subprocess.run(["umount", str(target)], capture_output=True)
+            if res.returncode != 0:
+                subprocess.run(["umount", "-l", str(target)], capture_output=True)
+        self._mounts.clear()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def _low_free_port() -> int:
+    """A free port below 1024 on loopback: the unit must bind it with CAP_NET_BIND_SERVICE only."""
+    for port in range(700, 1000):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise AssertionError("no free port below 1024 on 127.0.0.1")
+
+
+def _bpftool(*args: str) -> object:
+    res = subprocess.run(["bpftool", "-j", *args], capture_output=True, text=True)
+    return json.loads(res.stdout) if res.returncode == 0 and res.stdout.strip() else None
+
+
+def _kernel_objects(bpffs: Path) -> dict[str, object]:
+    """IDs of the service's pinned maps and of the programs using them (from the host). IDs are not
+    reused soon, so "this ID no longer exists" later means the object was freed."""
+    maps = {p.name: _bpftool("map", "show", "pinned", str(p))["id"] for p in sorted((bpffs / "sniproxy").iterdir())}
+    progs = {p["name"]: p["id"] for p in _bpftool("prog", "show") if set(maps.values()) & set(p.get("map_ids", []))}
+    return {"maps": maps, "progs": progs}
+
+
+@pytest.fixture(scope="module")
+def container() -> Iterator[Container]:
+    box = Container(f"sniproxy-test-{os.getpid()}")
+    try:
+        box.start()
+        res = box.run("bash", "-c", f"cd {REPO} && scripts/install.sh")
+        assert "installed /etc/sniproxy/config.toml" in res.stderr
+        yield box
+    finally:
+        box.close()
+    assert not box.base.exists()
+
+
+def test_unit_verifies_and_security_score(container: Container) -> None:
+    # The exact README command, where /opt/sniproxy exists: no warnings at all.
+    res = container.run("bash", "-c", f"cd {REPO} && systemd-analyze verify systemd/sniproxy.service")
+    assert (res.returncode, res.stderr) == (0, "")
+    res = container.run("systemd-analyze", "verify", "/etc/systemd/system/sniproxy.service")
+    assert (res.returncode, res.stderr) == (0, "")
+    res = container.run("systemd-analyze", "security", "--no-pager", "sniproxy.service", check=False)
+    match = re.search(r"Overall exposure level for sniproxy.service: (\d+\.\d+)", res.stdout)
+    assert match, res.stdout + res.stderr
+    print(f"systemd-analyze security sniproxy.service: {match.group(1)}")
+    assert float(match.group(1)) <= 3.0, res.stdout
+
+
+def _config(port: int, backend_port: int) -> str:
+    return (configs.listener(f"127.0.0.1:{port}")
+            + configs.table("default", [("app.test", f"127.0.0.1:{backend_port}")])
+            + configs.common(splice=True, pin_dir="/sys/fs/bpf/sniproxy"))
+
+
+async def test_start_reload_stop_cycles(container: Container, ca) -> None:
+    a = await TlsBackend("a", server_context(ca, "app.test")).start()
+    b = await TlsBackend("b", server_context(ca, "app.test")).start()
+    ctx = client_context(ca)
+    port = _low_free_port()
+    c = container
+    try:
+        # The operator's config is kept by a second install.
+        await asyncio.to_thread(c.write, "/etc/sniproxy/config.toml", _config(port, a.port))
+        res = await asyncio.to_thread(c.run, "bash", "-c", f"cd {REPO} && scripts/install.sh")
+        assert "kept existing /etc/sniproxy/config.toml" in res.stderr
+        assert f"127.0.0.1:{a.port}" in (await asyncio.to_thread(c.run, "cat", "/etc/sniproxy/config.toml")).stdout
+
+        for cycle in range(3):
+            await asyncio.to_thread(c.write, "/etc/sniproxy/config.toml", _config(port, a.port))
+            # Type=notify: `start` returns after READY=1, which comes after bind and BPF load.
+            await asyncio.to_thread(c.systemctl, "start", "sniproxy")
+            assert await who("127.0.0.1", port, "app.test", ctx) == "backend=a alpn=None"
+            objects = _kernel_objects(c.bpffs)
+            assert {"splice_verdict", "redirect_msg"} <= set(objects["progs"]), objects
+            assert set(objects["maps"]) >= {"sock_map", "conn_map", "traffic_stats", "conn_stats"}
+
+            await asyncio.to_thread(c.write, "/etc/sniproxy/config.toml", _config(port, b.port))
+            # The reload job waits for the daemon's READY=1: the new route is in force on return.
+            await asyncio.to_thread(c.systemctl, "reload", "sniproxy")
+            assert await who("127.0.0.1", port, "app.test", ctx) == "backend=b alpn=None"
+
+            status = (await asyncio.to_thread(c.systemctl, "status", "sniproxy")).stdout
+            # STATUS= is sent with READY=1 and then refreshed every few seconds: accepted is 1 or 2 here.
+            assert re.search(r'Status: "relay=splice connections=\d+ accepted=[12] over_limit=0 reloads=1"',
+                             status), status
+            props = await asyncio.to_thread(c.show, "sniproxy", "MainPID", "NRestarts", "CapabilityBoundingSet")
+            assert props["NRestarts"] == "0"
+            caps = (await asyncio.to_thread(c.run, "grep", "CapEff", f"/proc/{props['MainPID']}/status")).stdout
+            assert int(caps.split()[1], 16) == (1 << 10) | (1 << 12) | (1 << 38) | (1 << 39), caps
+
+            await asyncio.to_thread(c.systemctl, "stop", "sniproxy")
+            assert (await asyncio.to_thread(c.systemctl, "is-active", "sniproxy", check=False)).stdout == "inactive\n"
+            # An inactive unit may be unloaded at once (its exit status with it): read the journal.
+            journal = (await asyncio.to_thread(c.run, "journalctl", "-u", "sniproxy", "-o", "cat",
+                                               "--no-pager")).stdout
+            this_cycle = journal.split("Starting sniproxy.service")[-1]
+            assert '"event": "stopped"' in this_cycle, this_cycle
+            assert "sniproxy.service: Deactivated successfully." in this_cycle, this_cycle
+            for bad in ("Main process exited", "Failed with result", "Traceback", "egmentation fault"):
+                assert bad not in this_cycle, this_cycle
+            # Nothing of it is left in the kernel: programs and splice maps are freed. Only the DNS
+            # cache map stays pinned on purpose (its entries outlive restarts); nothing is attached to it.
+            pins = c.bpffs / "sniproxy"
+            assert set(os.listdir(pins) if pins.exists() else []) <= {"dns_cache"}
+            for name, prog in objects["progs"].items():
+                assert _bpftool("prog", "show", "id", str(prog)) is None, f"program {name} ({prog}) still loaded"
+            for name, map_id in objects["maps"].items():
+                if name != "dns_cache":
+                    assert _bpftool("map", "show", "id", str(map_id)) is None, f"map {name} ({map_id}) still exists"
+    finally:
+        await asyncio.to_thread(c.systemctl, "stop", "sniproxy", check=False)
+        await a.close()
+        await b.close()
+
+
+def test_watchdog_restarts_a_stalled_proxy(container: Container) -> None:
+    """WATCHDOG=1 comes from the event loop: a stopped loop gets the service restarted by systemd."""
+    c = container
+    port = _low_free_port()
+    c.write("/etc/sniproxy/config.toml", _config(port, 9))
+    c.run("mkdir", "-p", "/run/systemd/system/sniproxy.service.d")
+    c.write("/run/systemd/system/sniproxy.service.d/watchdog.conf", "[Service]\nWatchdogSec=2s\nRestartSec=0\n")
+    try:
+        c.systemctl("daemon-reload")
+        c.systemctl("start", "sniproxy")
+        time.sleep(3)  # longer than WatchdogSec: the pings keep it alive
+        first = c.show("sniproxy", "MainPID", "NRestarts", "WatchdogUSec")
+        assert first["NRestarts"] == "0" and first["WatchdogUSec"] == "2s", first
+        c.run("kill", "-STOP", first["MainPID"])
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            now = c.show("sniproxy", "MainPID", "NRestarts", "ActiveState")
+            if now["NRestarts"] == "1" and now["ActiveState"] == "active":
+                break
+            time.sleep(0.5)
+        assert now["NRestarts"] == "1" and now["MainPID"] != first["MainPID"], now
+        journal = c.run("journalctl", "-u", "sniproxy", "--no-pager").stdout
+        assert "Watchdog timeout" in journal, journal[-3000:]
+    finally:
+        c.systemctl("stop", "sniproxy", check=False)
+        c.run("rm", "-rf", "/run/systemd/system/sniproxy.service.d", check=False)
+        c.systemctl("daemon-reload", check=False)
+        c.systemctl("reset-failed", "sniproxy", check=False)
+
+
+def test_reload_returns_only_after_the_daemon_reloaded(container: Container) -> None:
+    """systemd 252 ends a reload job when ExecReload= exits; `kill -HUP` alone exits at once (measured:
+    ~50 ms while the daemon was stopped). The unit's systemd-notify RELOADING=1 makes the job wait."""
+    c = container
+    c.write("/etc/sniproxy/config.toml", _config(_low_free_port(), 9))
+    try:
+        c.systemctl("start", "sniproxy")
+        pid = c.show("sniproxy", "MainPID")["MainPID"]
+        c.run("kill", "-STOP", pid)
+        resume = threading.Timer(1.0, lambda: c.run("kill", "-CONT", pid))
+        resume.start()
+        started = time.monotonic()
+        c.systemctl("reload", "sniproxy")
+        took = time.monotonic() - started
+        resume.join()
+        assert took >= 0.9, f"reload returned after {took:.2f} s, before the stopped daemon could reload"
+        journal = c.run("journalctl", "-u", "sniproxy", "-o", "cat", "--no-pager").stdout
+        assert '"event": "reloaded"' in journal.rsplit("Started sniproxy.service", 1)[1]
+    finally:
+        c.systemctl("stop", "sniproxy", check=False)
