@@ -18,11 +18,29 @@ PANELS = [
     ("idle_rss_kib_per_conn", "proxy RSS per idle connection (KiB, lower is better)"),
 ]
 OURS_COLOR, PEER_COLOR, DIRECT_COLOR = "#1f6fb4", "#9a9a9a", "#2f2f2f"
+SHORT = {"ours-splice": "ours\nsplice", "ours-copy": "ours\ncopy", "sniproxy-c": "Debian\nsniproxy",
+         "nginx": "nginx", "nginx-256k": "nginx\n256K buf", "haproxy": "HAProxy", "haproxy-256k": "HAProxy\n256K buf"}
 
 
 def machine_line(machine: dict[str, Any]) -> str:
     return (f"{machine['cpu_model']}, {machine['cpus']} vCPU, {machine['mem_gib']:.0f} GiB, "
             f"Linux {machine['kernel']}, Debian {machine['debian']}")
+
+
+def kernel_share(target: dict[str, Any], workload: str) -> str:
+    shares = [rep[workload]["kernel_share"] for rep in target["reps"]
+              if rep.get(workload) and rep[workload].get("kernel_share") is not None]
+    return f"{min(shares) * 100:.0f}%" if shares else "?"
+
+
+def correctness_line(results: dict[str, Any]) -> str:
+    summary = results["summary"]["targets"]
+    parts = []
+    for key, what in (("byte_exact", "bulk not byte-exact"), ("early_data", "data sent right after the hello lost"),
+                      ("half_close", "reply after a client half-close dropped")):
+        failed = [t["label"] for t in results["targets"] if summary[t["key"]].get(key) is False]
+        parts.append(f"{what}: {', '.join(failed) if failed else 'none'}")
+    return "Correctness: " + "; ".join(parts) + ".  Bar labels under a value: relay mode our proxy logged at start."
 
 
 def render(results: dict[str, Any], out: Path) -> Path:
@@ -32,7 +50,7 @@ def render(results: dict[str, Any], out: Path) -> Path:
 
     targets = results["targets"]
     summary = results["summary"]["targets"]
-    labels = [t["label"].replace(" (ours) ", "\n(ours) ").replace(" buf", "\nbuf") for t in targets]
+    labels = [SHORT.get(t["key"], t["label"]) for t in targets]
     colors = [DIRECT_COLOR if t["key"] == "direct" else OURS_COLOR if t["key"].startswith("ours") else PEER_COLOR
               for t in targets]
     fig, axes = plt.subplots(2, 3, figsize=(17, 9.5))
@@ -45,11 +63,13 @@ def render(results: dict[str, Any], out: Path) -> Path:
             text = "n/a" if v is None else (f"{v:.3g}" if v < 100 else f"{v:.0f}")
             if t["relay_mode"] not in ("-", "") and v is not None:
                 text += f"\n{t['relay_mode']}"
+                if key.startswith("bulk") and t["relay_mode"] == "splice":
+                    text += f"\n{kernel_share(t, key[:5])} by kernel"
             ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + top * 0.01, text,
                     ha="center", va="bottom", fontsize=7.5)
         ax.set_title(title, fontsize=10)
         ax.set_xticks(range(len(targets)))
-        ax.set_xticklabels(labels, fontsize=7.5, rotation=0)
+        ax.set_xticklabels(labels, fontsize=8, rotation=0)
         ax.set_ylim(0, top * 1.22)
         ax.grid(axis="y", alpha=0.3)
     s = results["settings"]
@@ -58,7 +78,8 @@ def render(results: dict[str, Any], out: Path) -> Path:
         f"{machine_line(results['machine'])}; background load before the run "
         f"{results['machine']['background_busy_pct']:.0f}% of all CPUs; "
         f"idle test: {s['idle_conns']} connections", fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    fig.text(0.5, 0.01, correctness_line(results), ha="center", fontsize=9)
+    fig.tight_layout(rect=(0, 0.03, 1, 0.94))
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -80,7 +80,7 @@ static void *bulk_stream(void *p) {
     }
     shutdown(fd, SHUT_WR);
     /* The sink closes once it has read our FIN: the end of the stream as it saw it. */
-    struct timeval tv = {.tv_sec = 30};
+    struct timeval tv = {.tv_sec = 10};
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
     for (;;) {
         ssize_t n = read(fd, scratch, sizeof scratch);

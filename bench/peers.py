@@ -65,6 +65,9 @@ class Target:
     def pids(self) -> list[int]:
         return []
 
+    def kernel_totals(self) -> dict[str, int] | None:
+        return None
+
     def stop(self) -> None:
         pass
 
@@ -192,6 +195,18 @@ class Ours(ProcessTarget):
             self.note(f"workers: {self.workers_toml.strip()}")
         return listening(self.listen_port)
 
+    def kernel_totals(self) -> dict[str, int] | None:
+        """The splice program's byte counters (`sniproxy stats`), to show how much of a workload the
+        kernel really moved; None in copy mode or when they cannot be read."""
+        if self.relay_mode != "splice":
+            return None
+        result = subprocess.run([sys.executable, "-m", "sniproxy", "stats", "--pin-dir", self.pin_dir, "--json",
+                                 "--top", "0"], cwd=REPO, env=self.env(), capture_output=True, text=True)
+        try:
+            return json.loads(result.stdout)["totals"] if result.returncode == 0 else None
+        except (json.JSONDecodeError, KeyError):
+            return None
+
     def stop(self) -> None:
         super().stop()
         if os.path.isdir(self.pin_dir):
@@ -277,7 +292,7 @@ class Nginx(ProcessTarget):
         self.version = package_version("nginx")
 
     def prepare(self, backends: dict[str, int], max_conns: int) -> list[str]:
-        nofile = procs.nofile_hard()
+        nofile = min(procs.nofile_hard(), 65536)  # nginx preallocates worker_connections
         entries = "".join(f"        {sni(s)} 127.0.0.1:{backends[s]};\n" for s in SERVICES)
         conf = self.dir / "nginx.conf"
         conf.write_text(
@@ -317,7 +332,7 @@ class Haproxy(ProcessTarget):
 
     def prepare(self, backends: dict[str, int], max_conns: int) -> list[str]:
         # Two fds per connection must fit under the hard fd limit (haproxy checks it at start).
-        maxconn = (procs.nofile_hard() - 200) // 2
+        maxconn = (min(procs.nofile_hard(), 65536) - 200) // 2
         tune = f"    tune.bufsize {self.bufsize_kib * 1024}\n" if self.bufsize_kib else ""
         uses = "".join(f"    use_backend be_{s} if {{ req.ssl_sni -i {sni(s)} }}\n" for s in SERVICES)
         bes = "".join(f"backend be_{s}\n    server s1 127.0.0.1:{backends[s]}\n\n" for s in SERVICES)

@@ -158,10 +158,16 @@ def nofile_hard() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[1]
 
 
-def raise_nofile() -> int:
-    """Soft fd limit up to the hard one (inherited by every child); returns the new limit."""
+def raise_nofile(want: int = 65536) -> int:
+    """fd limit for this process and every child: `want` if root may raise the hard limit
+    (CAP_SYS_RESOURCE), else the hard limit as it is. Returns the limit in force."""
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if hard < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+            return want
+        except (ValueError, PermissionError, OSError):
+            pass
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return hard

@@ -116,7 +116,8 @@ def rows(targets: list[dict[str, Any]], summary: dict[str, Any]) -> list[list[st
     """Metrics down, targets across; each metric has a value row and two ratio rows."""
     s = summary["targets"]
     out = [["", *[t["label"] for t in targets]],
-           ["relay mode", *[t["relay_mode"] for t in targets]]]
+           ["relay mode (logged at start)", *[t["relay_mode"] for t in targets]],
+           ["bulk bytes moved by the kernel", *[_kernel_share(t) for t in targets]]]
     for m in METRICS:
         best_key = summary["best_peer"].get(m.key)
         out.append([m.label + (" ^" if m.higher_is_better else " v"),
@@ -126,7 +127,22 @@ def rows(targets: list[dict[str, Any]], summary: dict[str, Any]) -> list[list[st
                     *[_ratio(s[t["key"]][m.key].get("x_best_peer")) for t in targets]])
     for key, label in CHECKS:
         out.append([label, *[{True: "pass", False: "FAIL", None: "-"}[s[t["key"]][key]] for t in targets]])
+    out.append(["other processes' CPU, max %", *[_others(t) for t in targets]])
     return out
+
+
+def _others(target: dict[str, Any]) -> str:
+    """Highest share of the machine that processes outside the benchmark took during a timed workload."""
+    values = [rep[k]["cpu"]["others_pct"] for rep in target["reps"] for k in ("rate", "bulk1", "bulk8")
+              if rep.get(k) and "others_pct" in rep[k].get("cpu", {})]
+    return f"{max(values):.0f}%" if values else "-"
+
+
+def _kernel_share(target: dict[str, Any]) -> str:
+    """Lowest share of bulk bytes the splice program redirected, over every bulk run of the target."""
+    shares = [rep[k]["kernel_share"] for rep in target["reps"] for k in ("bulk1", "bulk8")
+              if rep.get(k) and rep[k].get("kernel_share") is not None]
+    return f"{min(shares) * 100:.1f}%" if shares else "-"
 
 
 def _short(targets: list[dict[str, Any]], key: str | None) -> str:

@@ -149,12 +149,18 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         log(f"run_all: missing {', '.join(missing)}; run `bash scripts/setup.sh --bench` (make bench does)")
         return 2
-    # SIGTERM/SIGHUP unwind like Ctrl-C, so every finally below runs.
+    # SIGTERM/SIGHUP unwind like Ctrl-C, so every finally below runs. SIGINT is set explicitly: a shell
+    # starts background jobs with it ignored, and Python keeps an ignored SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        signal.signal(sig, _interrupt)
     hard = procs.raise_nofile()
     idle_conns = min(args.idle_conns, (hard - 400) // 2)
     wanted = args.targets.split(",")
+    unknown = sorted(set(wanted) - {t.key for t in peers.all_targets(None)})
+    if unknown:
+        log(f"run_all: unknown target(s) {', '.join(unknown)}")
+        return 2
     now = datetime.datetime.now(datetime.timezone.utc)
     settings = {"reps": args.reps, "bulk_seconds": args.bulk_seconds, "rate_seconds": args.rate_seconds,
                 "clients": args.clients, "rate_threads": args.rate_threads, "idle_conns": idle_conns,
@@ -162,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     if idle_conns < args.idle_conns:
         log(f"run_all: holding {idle_conns} idle connections, not {args.idle_conns}: the fd hard limit is "
             f"{hard} and cannot be raised here (no CAP_SYS_RESOURCE); a proxy needs 2 fds per connection")
+    started = time.monotonic()
 
     tmp = Path(tempfile.mkdtemp(prefix="sniproxy-bench-"))
     with contextlib.ExitStack() as stack:
@@ -216,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                     for name, msg in rep.get("errors", {}).items()]
         for label, name, msg in failures:
             print(f"error: {label}: {name}: {msg.splitlines()[0] if msg else ''}")
+        print(f"run_all: {time.monotonic() - started:.0f} s")
     return 0
 
 
@@ -228,6 +236,10 @@ def _legend(results: dict[str, Any]) -> str:
             f"all sockets of the path).\n{m['cpus']} x {m['cpu_model']}, {m['mem_gib']:.0f} GiB, Linux "
             f"{m['kernel']}, Debian {m['debian']}, {results['date']}; background load before the run "
             f"{m['background_busy_pct']:.0f}% (loadavg {' '.join(m['loadavg'])}).")
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def _remove_pins() -> None:

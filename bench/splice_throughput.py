@@ -88,10 +88,14 @@ def main() -> None:
         for streams in (1, 8):
             size = args.mb_per_stream * 1_000_000 // (1 if streams == 1 else 4)
             for _ in range(args.reps):
-                results.setdefault(("direct", streams), []).append(direct(streams, size))
-                splice = SpliceRelay(plane.splice_table, CopyRelay())
-                results.setdefault(("splice", streams), []).append(uvloop.run(proxied(splice, streams, size)))
-                results.setdefault(("copy", streams), []).append(uvloop.run(proxied(CopyRelay(), streams, size)))
+                runs = (("direct", lambda: direct(streams, size)),
+                        ("splice", lambda: uvloop.run(asyncio.wait_for(
+                            proxied(SpliceRelay(plane.splice_table, CopyRelay()), streams, size), 120))),
+                        ("copy", lambda: uvloop.run(asyncio.wait_for(proxied(CopyRelay(), streams, size), 120))))
+                for mode, run in runs:
+                    rate, cpu = run()
+                    print(f"  {mode:6} {streams} streams: {rate / 1e6:7.0f} MB/s, proxy CPU {cpu:.2f} s/GB", flush=True)
+                    results.setdefault((mode, streams), []).append((rate, cpu))
         print(f"{'mode':8} {'streams':>7} {'MB/s':>9} {'x direct':>9} {'CPU s/GB':>9}")
         for streams in (1, 8):
             base = statistics.median(r[0] for r in results[("direct", streams)])

@@ -1,7 +1,9 @@
-/* dns_cache.c: the resolver's shared answer cache, an LRU hash pinned at DNS_CACHE_PIN so every
+/* dns_cache.c: the resolver's shared answer cache, an LRU hash pinned at <pin_dir>/dns_cache so every
  * process of the proxy (and the next one, after a restart) sees the same entries, and dns_lookup, the
  * program the proxy reads it through. Invariant: the map is only written from userspace; the program
- * only reads. Compiled by BCC with -I<ebpf dir> -DDNS_CACHE_SIZE=<n> -DDNS_CACHE_PIN="<path>".
+ * only reads. Compiled by BCC with -I<ebpf dir> -DDNS_CACHE_SIZE=<n>; sniproxy/kernel/dnsmap.py pins
+ * the map BCC creates, or, when a pin exists, points the program at the pinned map before loading it
+ * (not BPF_TABLE_PINNED: BCC reopens a pin by id, which the kernel allows only with CAP_SYS_ADMIN).
  *
  * Why a program for reads: a bpf(BPF_MAP_LOOKUP_ELEM) from userspace does not set the LRU reference
  * bit, so a map read only through syscalls evicts in insertion order, hot names included. A lookup
@@ -14,11 +16,8 @@
 #ifndef DNS_CACHE_SIZE
 #error "DNS_CACHE_SIZE must be defined ([resolver] cache_size)"
 #endif
-#ifndef DNS_CACHE_PIN
-#error "DNS_CACHE_PIN must be defined (<pin_dir>/dns_cache)"
-#endif
 
-BPF_TABLE_PINNED("lru_hash", struct dns_key, struct dns_entry, dns_cache, DNS_CACHE_SIZE, DNS_CACHE_PIN);
+BPF_TABLE("lru_hash", struct dns_key, struct dns_entry, dns_cache, DNS_CACHE_SIZE);
 
 int dns_lookup(struct xdp_md *ctx)
 {

@@ -89,6 +89,7 @@ def _run(path: str, log_format: str | None) -> int:
                 server = Server(config, relay=relay, xdp=xdp, resolver=resolver,
                                 notifier=Notifier.from_environ())
                 server.bind()
+                _drop_privileges()
                 await server.serve()
 
     try:
@@ -97,6 +98,23 @@ def _run(path: str, log_format: str | None) -> int:
         structlog.get_logger("sniproxy").error("start_failed", error=str(exc))
         return 1
     return 0
+
+
+def _drop_privileges() -> None:
+    """Listeners are bound and BPF objects loaded and pinned: no capability is needed any more.
+    Map updates go through file descriptors already open, XDP is held by a bpf_link whose fd this
+    process owns, and unpinning is an unlink in a root-owned directory (this process stays uid 0)."""
+    from sniproxy.privileges import drop_capabilities
+
+    log = structlog.get_logger("sniproxy")
+    try:
+        dropped = drop_capabilities(frozenset())
+    except OSError as exc:
+        log.warning("capabilities_kept", reason=str(exc))
+        return
+    if dropped.before:
+        log.info("capabilities_dropped", before=f"{dropped.before:#x}", after=f"{dropped.after:#x}",
+                 kept=list(dropped.kept))
 
 
 def _allow(args: argparse.Namespace) -> int:

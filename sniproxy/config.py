@@ -105,6 +105,7 @@ class ResolverConfig:
     negative_ttl: float = 5.0
     cache_size: int = 10000
     mode: str = "ipv4_first"
+    kernel_cache: bool = True  # the pinned dns_cache map when BPF allows, else memory
 
 
 @dataclass(frozen=True)
@@ -486,7 +487,8 @@ _TABLE_KEYS = ("routes", "fallback", "allow_private_backends")
 _ROUTE_KEYS = ("match", "backend", "proxy_protocol")
 PROXY_PROTOCOL_VERSIONS = ("v1", "v2")
 _RESOLVER_KEYS = (
-    "nameservers", "timeout", "tries", "min_ttl", "max_ttl", "negative_ttl", "cache_size", "mode"
+    "nameservers", "timeout", "tries", "min_ttl", "max_ttl", "negative_ttl", "cache_size", "mode",
+    "kernel_cache",
 )  # fmt: skip
 _LIMITS_KEYS = (
     "client_hello_timeout", "connect_timeout", "idle_timeout", "max_connections",
@@ -616,6 +618,7 @@ def _resolver(data: object) -> ResolverConfig:
         negative_ttl=s.number("negative_ttl", 5.0, positive=False),
         cache_size=s.integer("cache_size", 10000, minimum=1),
         mode=s.string("mode", "ipv4_first", choices=RESOLVER_MODES),
+        kernel_cache=s.boolean("kernel_cache", True),
     )
 
 

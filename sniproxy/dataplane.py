@@ -2,7 +2,8 @@
 # copy. The decision and its reason are logged once at start; a failure here never stops the proxy.
 # Also sets up the XDP allow-list ([xdp]): unlike splice it is a security control, so when it is
 # enabled and cannot be attached the proxy does not start (DataPlaneError) rather than run unfiltered.
-# And picks the resolver's cache: the pinned dns_cache map when BPF can be used, else memory (logged).
+# And picks the resolver's cache ([resolver] kernel_cache, independent of splice): the pinned dns_cache
+# map when asked for and BPF can be used, else memory (logged with the reason).
 from __future__ import annotations
 
 import contextlib
@@ -181,9 +182,10 @@ if TYPE_CHECKING:
 
 @contextlib.contextmanager
 def open_dns_cache(ebpf: EbpfConfig, resolver: ResolverConfig) -> Iterator[DnsCache]:
-    """The resolver's cache: the pinned dns_cache map (shared by every proxy process, kept across
-    restarts) when this process may use BPF, else in-process memory. One `dns_cache` log line says
-    which and why; like splice, a failure here never stops the proxy."""
+    """The resolver's cache: the pinned dns_cache map under ebpf.pin_dir (shared by every proxy
+    process, kept across restarts) when [resolver] kernel_cache is on and this process may use BPF,
+    else in-process memory. [ebpf] splice plays no part. One `dns_cache` log line says which and why;
+    like splice, a failure here never stops the proxy."""
     from sniproxy.dnscache import BpfDnsCache, MemoryDnsCache
 
     def memory(reason: str, warn: bool = True) -> MemoryDnsCache:
@@ -191,8 +193,8 @@ def open_dns_cache(ebpf: EbpfConfig, resolver: ResolverConfig) -> Iterator[DnsCa
         return MemoryDnsCache(resolver.cache_size)
 
     cache: DnsCache
-    if not ebpf.splice:
-        cache = memory("[ebpf] splice = false: the proxy uses no BPF", warn=False)
+    if not resolver.kernel_cache:
+        cache = memory("[resolver] kernel_cache = false", warn=False)
     else:
         try:
             from sniproxy.kernel.dnsmap import DnsMap

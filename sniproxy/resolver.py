@@ -122,6 +122,10 @@ class Resolver:
     def cache(self) -> DnsCache:
         return self._cache
 
+    @property
+    def config(self) -> ResolverConfig:
+        return self._config
+
     async def resolve(self, host: str) -> list[str]:
         literal = _ip_literal(host)
         if literal is not None:
@@ -219,6 +223,8 @@ class Resolver:
         return addresses, float(ttl)
 
     async def close(self) -> None:
+        """Cancel queries in flight (their waiters get CancelledError) and release the c-ares
+        channel. The cache is not closed: it may outlive this resolver (a reload shares it)."""
         for task in list(self._inflight.values()):
             task.cancel()
         await self._dns.close()

@@ -97,6 +97,10 @@ class Server:
         self._heartbeat: asyncio.TimerHandle | None = None
         if self.resolver is None:
             self.resolver = Resolver(self.config.resolver)
+        # A reload with a new [resolver] swaps self.resolver for new connections; each connection
+        # keeps the one it started with, so an old one is closed only when its last user ends.
+        self._resolver_users: dict[Resolver, int] = {}
+        self._closing: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -182,14 +186,66 @@ class Server:
                         reason="listener changes need a restart; routes and limits were reloaded")
             config = _with_listeners(config, self.config.listeners)
             policies = build_policies(config)
+        built = self._reload_resolver(config)
+        if built is None:
+            return False
+        config, resolver = built
         config = self._reload_xdp(config)
         if config is None:
+            if resolver is not None:
+                self._retire(resolver)
             return False
         self.config = config
         self._policies = policies
+        if resolver is not None:
+            self._swap_resolver(resolver)
         self.reloads += 1
         log.info("reloaded", source=config.source, reloads=self.reloads)
         return True
+
+    def _reload_resolver(self, config: Config) -> tuple[Config, Resolver | None] | None:
+        """A new Resolver (sharing the running cache) when [resolver] changed, else None in the
+        pair. cache_size and kernel_cache need a restart: the cache is opened once, at start.
+        None when the resolver could not be built."""
+        running = self.config.resolver
+        new = dataclasses.replace(config.resolver, cache_size=running.cache_size,
+                                  kernel_cache=running.kernel_cache)
+        if new != config.resolver:
+            log.warning("reload_resolver_unchanged", reason="[resolver] cache_size and kernel_cache "
+                        "need a restart; the rest of [resolver] is reloaded")
+            config = dataclasses.replace(config, resolver=new)
+        if new == running:
+            return config, None
+        assert self.resolver is not None
+        try:
+            return config, Resolver(new, self.resolver.cache)
+        except Exception as exc:  # c-ares refusing the channel: keep the running one
+            log.error("reload_failed", error=f"resolver: {exc}", kept="previous configuration")
+            return None
+
+    def _swap_resolver(self, resolver: Resolver) -> None:
+        old = self.resolver
+        self.resolver = resolver
+        cfg = resolver.config
+        log.info("resolver_reloaded", nameservers=[str(a) for a in cfg.nameservers], mode=cfg.mode,
+                 timeout=cfg.timeout, tries=cfg.tries, min_ttl=cfg.min_ttl, max_ttl=cfg.max_ttl,
+                 negative_ttl=cfg.negative_ttl,
+                 old_resolver_users=self._resolver_users.get(old, 0) if old is not None else 0)
+        if old is not None and not self._resolver_users.get(old):
+            self._retire(old)
+
+    def _retire(self, resolver: Resolver) -> None:
+        """Close a resolver no connection uses any more. Not at once while it has users: close()
+        cancels its queries in flight, which would fail those connections."""
+        self._resolver_users.pop(resolver, None)
+        task = asyncio.get_running_loop().create_task(self._close_resolver(resolver))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    @staticmethod
+    async def _close_resolver(resolver: Resolver) -> None:
+        await resolver.close()
+        log.info("resolver_closed", nameservers=[str(a) for a in resolver.config.nameservers])
 
     def _reload_xdp(self, config: Config) -> Config | None:
         """Put the new xdp.allow into the running filter in place (no detach: adds land before
@@ -242,6 +298,11 @@ class Server:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending)
+        for resolver in list(self._resolver_users):
+            if resolver is not self.resolver:  # its connections were cut above
+                self._retire(resolver)
+        if self._closing:
+            await asyncio.wait(set(self._closing))
         if self.resolver is not None:
             await self.resolver.close()
         log.info("stopped")
@@ -305,20 +366,31 @@ class Server:
             return
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.accepted += 1
-        assert self.resolver is not None
-        connection = Connection(client, address, entry.name, policy, self.resolver, self.relay)
+        resolver = self.resolver
+        assert resolver is not None
+        connection = Connection(client, address, entry.name, policy, resolver, self.relay)
         task = asyncio.get_running_loop().create_task(connection.handle())
         self._connections.add(task)
         self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
-        task.add_done_callback(lambda t: self._connection_done(t, ip))
+        self._resolver_users[resolver] = self._resolver_users.get(resolver, 0) + 1
+        task.add_done_callback(lambda t: self._connection_done(t, ip, resolver))
 
-    def _connection_done(self, task: asyncio.Task[None], ip: str) -> None:
+    def _connection_done(self, task: asyncio.Task[None], ip: str, resolver: Resolver) -> None:
         self._connections.discard(task)
         left = self._per_ip[ip] - 1
         if left:
             self._per_ip[ip] = left
         else:
             del self._per_ip[ip]
+        users = self._resolver_users.get(resolver)
+        if users is None:  # already retired by _drain
+            return
+        if users > 1:
+            self._resolver_users[resolver] = users - 1
+        else:
+            del self._resolver_users[resolver]
+            if resolver is not self.resolver:
+                self._retire(resolver)
 
 
 def _with_listeners(config: Config, listeners: tuple[ListenerConfig, ...]) -> Config:

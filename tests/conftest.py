@@ -2,6 +2,8 @@
 # child process. Every fixture that starts something stops it in its finalizer, pass or fail.
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import textwrap
 from pathlib import Path
@@ -42,23 +44,58 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 StartProxy = Callable[..., ProxyProcess]
 
+# How the end-to-end proxy moves bytes. Tests that take the `relay_mode` fixture run once per mode:
+# "copy" ([ebpf] splice = false), "splice" (the real kernel data plane), and "nocap" (splice asked
+# for, but the process lacks CAP_BPF/CAP_SYS_ADMIN, so it must fall back and say why in one line).
+RELAY_MODES = ("copy", "splice", "nocap")
+_NO_BPF_CAPS = ["setpriv", "--bounding-set=-bpf,-sys_admin,-perfmon", "--inh-caps=-all", "--"]
+
+
+@pytest.fixture(params=RELAY_MODES)
+def relay_mode(request: pytest.FixtureRequest) -> str:
+    return request.param
+
 
 @pytest.fixture
-def start_proxy(tmp_path: Path) -> Iterator[StartProxy]:
-    """start_proxy(config_text, env=None, wait=True) -> a running ProxyProcess, stopped at teardown."""
+def start_proxy(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StartProxy]:
+    """start_proxy(config_text, env=None, wait=True) -> a running ProxyProcess, stopped at teardown.
+
+    With the `relay_mode` fixture in the test, the config's `[ebpf]` section is set for that mode
+    and `proxy.expected_relay` says which relay the access log must show."""
     started: list[ProxyProcess] = []
+    pin_dirs: list[Path] = []
+    mode = request.getfixturevalue("relay_mode") if "relay_mode" in request.fixturenames else None
 
     def start(config_text: str, env: dict[str, str] | None = None, wait: bool = True,
               argv_prefix: list[str] | None = None) -> ProxyProcess:
         n = len(started)
+        text = textwrap.dedent(config_text)
+        prefix = list(argv_prefix or [])
+        if mode in ("splice", "nocap"):
+            pin_dir = Path(f"/sys/fs/bpf/sniproxy-e2e-{os.getpid()}-{n}")
+            pin_dirs.append(pin_dir)
+            assert "splice = false" in text, "relay_mode tests must build their config with configs.common()"
+            text = text.replace("splice = false", f'splice = true\npin_dir = "{pin_dir}"')
+            if mode == "nocap":
+                prefix = _NO_BPF_CAPS + prefix
         config_path = tmp_path / f"proxy{n}.toml"
-        config_path.write_text(textwrap.dedent(config_text))
-        proxy = ProxyProcess(config_path, tmp_path / f"proxy{n}.log", env=env, argv_prefix=argv_prefix)
+        config_path.write_text(text)
+        proxy = ProxyProcess(config_path, tmp_path / f"proxy{n}.log", env=env, argv_prefix=prefix)
+        proxy.expected_relay = "splice" if mode == "splice" else "copy"
         started.append(proxy)
         if wait:
             proxy.wait_ready()
+            if mode is not None:
+                (chosen,) = proxy.wait_for(lambda e: e.get("event") == "relay_mode")
+                assert chosen["mode"] == proxy.expected_relay, chosen
+                if mode == "nocap":
+                    assert "CAP_BPF" in chosen["reason"] or "capabilit" in chosen["reason"], chosen
         return proxy
 
     yield start
     for proxy in started:
         proxy.stop()
+    for pin_dir in pin_dirs:
+        # The proxy unpins its splice maps on exit; the DNS cache is pinned to outlive restarts.
+        shutil.rmtree(pin_dir, ignore_errors=True)
+        assert not pin_dir.exists(), f"{pin_dir} left behind"

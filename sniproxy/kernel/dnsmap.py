@@ -1,6 +1,7 @@
 # The pinned dns_cache map (ebpf/dns_cache.c): the only code that creates, opens, reads or writes it.
 # Invariant: a map is used only after its type, key size and value size were checked against the
 # ctypes mirrors below, so a stale pin of another layout is replaced (with a warning), never misread.
+# Pins are opened with BPF_OBJ_GET only (never by map id), so CAP_BPF is enough: no CAP_SYS_ADMIN.
 from __future__ import annotations
 
 import contextlib
@@ -44,12 +45,15 @@ _BPF_MAP_LOOKUP_ELEM = 1
 _BPF_MAP_UPDATE_ELEM = 2
 _BPF_MAP_DELETE_ELEM = 3
 _BPF_MAP_GET_NEXT_KEY = 4
+_BPF_OBJ_PIN = 6
 _BPF_OBJ_GET = 7
 _BPF_PROG_TEST_RUN = 10
 _BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_MAP_TYPE_LRU_HASH = 9
 _BPF_ANY = 0
 _XDP_PASS = 2
+# When a pin exists the program is compiled against a stand-in map of this size (then swapped out).
+_STAND_IN_SIZE = 1
 
 
 class DnsKey(ct.Structure):
@@ -145,6 +149,15 @@ def obj_get(path: str) -> int:
     return _check(_bpf(_BPF_OBJ_GET, attr), f"opening {path}")
 
 
+def obj_pin(fd: int, path: str) -> int:
+    """Pin fd at path (BPF_OBJ_PIN); 0 or -errno (EEXIST: someone pinned there first)."""
+    buf = ct.create_string_buffer(path.encode())
+    attr = (ct.c_uint64 * 2)()
+    attr[0] = ct.addressof(buf)
+    attr[1] = fd  # bpf_fd in the low half, file_flags 0
+    return _bpf(_BPF_OBJ_PIN, attr)
+
+
 def map_info(fd: int) -> MapInfo:
     info = MapInfo()
     attr = (ct.c_uint64 * 2)()
@@ -203,8 +216,11 @@ def _encode(entry: Entry) -> DnsEntry:
 @dataclasses.dataclass
 class _Loaded:
     bpf: object
-    map_fd: int
+    map_fd: int  # BCC's table fd: cleanup() closes it
     prog_fd: int
+
+    def close(self) -> None:
+        self.bpf.cleanup()  # type: ignore[attr-defined]  # closes map and program fds
 
 
 class DnsMap:
@@ -257,22 +273,21 @@ class DnsMap:
         """Open the pinned map (creating it when absent) with room for `size` names, and load the
         dns_lookup program against it. A pin of another layout is replaced with a warning; a pin of
         the same layout but another size is replaced by a map of the new size, keeping its live
-        entries. Raises KernelError with the compiler's or the kernel's message."""
+        entries. Never needs CAP_SYS_ADMIN: pins are opened with BPF_OBJ_GET, never by map id.
+        Raises KernelError with the compiler's or the kernel's message."""
         path = os.path.join(pin_dir, MAP_NAME)
-        if '"' in path or "\\" in path:
-            raise KernelError(f"{path}: a pin path cannot contain quotes or backslashes")
         ensure_bpffs(pin_dir)
         try:
             os.makedirs(pin_dir, exist_ok=True)
         except OSError as e:
             raise KernelError(f"creating {pin_dir} failed", e.strerror or str(e)) from e
-        carry = _take_stale(path, size)
+        reuse, carry = _check_pin(path, size)
         try:
-            loaded = _compile(path, size)
+            loaded = _load(path, size, reuse)
             try:
                 dns_map = cls(path, loaded.map_fd, loaded)
             except BaseException:
-                loaded.bpf.cleanup()  # type: ignore[attr-defined]
+                loaded.close()
                 raise
             if carry is not None:
                 kept = dns_map._copy_from(carry)
@@ -347,7 +362,7 @@ class DnsMap:
             return
         self._closed = True
         if self._loaded is not None:
-            self._loaded.bpf.cleanup()  # type: ignore[attr-defined]  # closes map and program fds
+            self._loaded.close()
         else:
             os.close(self.fd)
 
@@ -383,37 +398,36 @@ def _iterate(fd: int) -> Iterator[tuple[str, Entry | None]]:
         yield raw.decode("ascii", errors="replace"), _decode(bytes(value))
 
 
-def _take_stale(path: str, size: int) -> int | None:
-    """Check an existing pin before BCC reuses it (BCC would take any map at that path silently).
-    Unpins what cannot be used as is; returns an fd of the old map when its entries should be carried
-    over into a new one of another size."""
+def _check_pin(path: str, size: int) -> tuple[int | None, int | None]:
+    """Check an existing pin before using it. Returns (reuse, carry): an fd of the pinned map when it
+    can be used as is, or an fd of an old map of another size whose entries go into a new one (its
+    pin already removed). Unpins what cannot be used at all."""
     try:
         fd = obj_get(path)
     except OSError as e:
         if e.errno == errno.ENOENT:
-            return None
+            return None, None
         # Not a BPF object we can open (e.g. a program pinned under that name): replace it.
         log.warning("dns_cache_replaced", path=path, reason=f"cannot open the existing pin: {e.strerror}")
         _unpin(path)
-        return None
+        return None, None
     try:
         info = map_info(fd)
     except OSError as e:
         os.close(fd)
         log.warning("dns_cache_replaced", path=path, reason=f"the existing pin is not a map: {e.strerror}")
         _unpin(path)
-        return None
+        return None, None
     problem = layout_problem(info)
     if problem is not None:
         os.close(fd)
         log.warning("dns_cache_replaced", path=path, reason=f"the pinned map has another layout: {problem}")
         _unpin(path)
-        return None
+        return None, None
     if info.max_entries != size:
         _unpin(path)
-        return fd
-    os.close(fd)
-    return None
+        return None, fd
+    return fd, None
 
 
 def _unpin(path: str) -> None:
@@ -421,37 +435,87 @@ def _unpin(path: str) -> None:
         os.unlink(path)
 
 
-def _compile(path: str, size: int) -> _Loaded:
+def _load(path: str, size: int, pinned_fd: int | None) -> _Loaded:
+    """dns_lookup bound to the map pinned at path; takes ownership of pinned_fd.
+    No pin (pinned_fd None): BCC creates the map (with BTF, for bpftool) and it is pinned here.
+    A pin: BCC compiles against a one-entry stand-in map whose fd is then replaced by the pinned map
+    before the program is loaded. BCC's own BPF_TABLE_PINNED would reopen the pin by map id
+    (BPF_MAP_GET_FD_BY_ID), which the kernel allows only with CAP_SYS_ADMIN.
+    Two proxies starting at once may both find no pin: the one that loses the race to pin it uses
+    the winner's map."""
+    for _attempt in range(2):
+        if pinned_fd is not None:
+            try:
+                problem = layout_problem(map_info(pinned_fd))
+                if problem is not None:
+                    raise KernelError(f"{path} is not a usable dns_cache", problem)
+                bpf, stand_in_fd = _compile(_STAND_IN_SIZE)
+                # The program's instructions name the stand-in by its fd number, which the kernel
+                # resolves at load time: make that number refer to the pinned map. dup2 frees the
+                # stand-in (nothing else holds it); BCC's cleanup closes the number as before.
+                try:
+                    os.dup2(pinned_fd, stand_in_fd, inheritable=False)
+                except BaseException:
+                    bpf.cleanup()  # type: ignore[attr-defined]
+                    raise
+            finally:
+                os.close(pinned_fd)
+            try:
+                prog_fd = _load_program(bpf)
+            except BaseException:
+                bpf.cleanup()  # type: ignore[attr-defined]
+                raise
+            return _Loaded(bpf, stand_in_fd, prog_fd)
+        bpf, map_fd = _compile(size)
+        try:
+            res = obj_pin(map_fd, path)
+            if res == -errno.EEXIST:
+                bpf.cleanup()  # type: ignore[attr-defined]
+                try:
+                    pinned_fd = obj_get(path)
+                except OSError as e:
+                    raise KernelError(f"opening {path} failed", e.strerror or str(e)) from None
+                continue
+            if res < 0:
+                raise KernelError(f"pinning {path} failed", os.strerror(-res))
+            prog_fd = _load_program(bpf)
+        except BaseException:
+            bpf.cleanup()  # type: ignore[attr-defined]  # safe twice
+            raise
+        return _Loaded(bpf, map_fd, prog_fd)
+    raise KernelError(f"pinning {path} failed", "another process replaced the pin while we loaded")
+
+
+def _compile(size: int) -> tuple[object, int]:
+    """BCC's module for dns_cache.c with a map of `size` entries, and that map's fd (owned by BCC)."""
     try:
         from bcc import BPF
+        import bcc.libbcc
     except ImportError as e:
         raise KernelError("the bcc Python module is not importable", str(e)) from e
-    cflags = [f"-I{EBPF_DIR}", f"-DDNS_CACHE_SIZE={int(size)}", f'-DDNS_CACHE_PIN="{path}"']
-    error: Exception | None = None
-    # Two proxies starting at once may both find no pin; the one that loses the race to pin it fails
-    # here and, on the second try, opens the map the winner pinned.
-    for _attempt in range(2):
-        with _captured_stderr() as messages:
-            try:
-                bpf = BPF(src_file=str(DNS_SRC).encode(), cflags=cflags)
-            except Exception as e:  # BCC raises a bare Exception
-                error = e
-            else:
-                try:
-                    fn = bpf.load_func(PROG_NAME.encode(), BPF.XDP)
-                except Exception as e:
-                    bpf.cleanup()
-                    error = e
-                else:
-                    error = None
-        if error is None:
-            import bcc.libbcc
-
+    cflags = [f"-I{EBPF_DIR}", f"-DDNS_CACHE_SIZE={int(size)}"]
+    with _captured_stderr() as messages:
+        try:
+            bpf = BPF(src_file=str(DNS_SRC).encode(), cflags=cflags)
+        except Exception as e:  # BCC raises a bare Exception
+            error: Exception = e
+        else:
             map_fd = bcc.libbcc.lib.bpf_table_fd(bpf.module, MAP_NAME.encode())
             if map_fd < 0:
                 bpf.cleanup()
                 raise KernelError(f"compiling {DNS_SRC}: no {MAP_NAME} map in the object")
-            return _Loaded(bpf, map_fd, fn.fd)
-        if not os.path.exists(path):
-            break
+            return bpf, map_fd
     raise KernelError(f"loading {DNS_SRC} failed", messages().strip() or str(error))
+
+
+def _load_program(bpf: object) -> int:
+    from bcc import BPF
+
+    with _captured_stderr() as messages:
+        try:
+            fn = bpf.load_func(PROG_NAME.encode(), BPF.XDP)  # type: ignore[attr-defined]
+        except Exception as e:  # BCC raises a bare Exception with the verifier's log on fd 2
+            error = e
+        else:
+            return fn.fd
+    raise KernelError(f"loading {PROG_NAME} failed", messages().strip() or str(error))

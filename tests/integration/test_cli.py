@@ -51,7 +51,7 @@ def test_run_reports_a_taken_port_in_one_line(tmp_path: Path):
         port = taken.getsockname()[1]
         cfg = tmp_path / "c.toml"
         cfg.write_text(f'[[listener]]\nbind = "127.0.0.1:{port}"\n[table.default]\nroutes = []\n'
-                       '[ebpf]\nsplice = false\n')
+                       '[resolver]\nkernel_cache = false\n[ebpf]\nsplice = false\n')
         result = sniproxy("run", "-c", str(cfg))
     assert result.returncode == 1
     assert '"start_failed"' in result.stdout and "Address already in use" in result.stdout

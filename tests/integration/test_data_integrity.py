@@ -44,7 +44,7 @@ async def run_transfers(port: int, backend: DataBackend, sizes: list[tuple[int, 
 
 
 @pytest.mark.slow
-async def test_fifty_connections_twenty_mb_each_way(data_backend, start_proxy):
+async def test_fifty_connections_twenty_mb_each_way(data_backend, start_proxy, relay_mode):
     port = free_port()
     proxy = start_proxy(data_proxy_config(data_backend.port, port))
     sizes = [(20 << 20, 20 << 20)] * 50
@@ -54,18 +54,20 @@ async def test_fifty_connections_twenty_mb_each_way(data_backend, start_proxy):
     hello_len = events[0]["bytes_up"] - (20 << 20)
     assert hello_len > 0
     assert all(e["bytes_down"] == 20 << 20 for e in events)
+    assert {e["relay"] for e in events} == {proxy.expected_relay}
 
 
-async def test_reply_after_client_half_close(data_backend, start_proxy):
+async def test_reply_after_client_half_close(data_backend, start_proxy, relay_mode):
     # The client sends, then FINs, and only then does the backend answer: the answer must arrive.
     port = free_port()
     proxy = start_proxy(data_proxy_config(data_backend.port, port))
     await run_transfers(port, data_backend, [(3 << 20, 5 << 20), (1, 1 << 20), (0, 100)], after_eof=True)
     events = await proxy.access(count=3)
     assert {e["outcome"] for e in events} == {"closed"}
+    assert {e["relay"] for e in events} == {proxy.expected_relay}
 
 
-async def test_backend_that_speaks_first_loses_nothing(start_proxy):
+async def test_backend_that_speaks_first_loses_nothing(start_proxy, relay_mode):
     # The backend writes as soon as it accepts, racing the proxy's set-up of the client side.
     payload = bytes(range(256)) * 4096
 

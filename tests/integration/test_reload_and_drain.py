@@ -30,7 +30,7 @@ def config_text(port: int, app_port: int, data_port: int, grace: float = 5.0) ->
             + configs.common(limits={"shutdown_grace": grace}))
 
 
-async def test_sighup_changes_routes_while_a_transfer_continues(servers, start_proxy, ca):
+async def test_sighup_changes_routes_while_a_transfer_continues(servers, start_proxy, ca, relay_mode):
     a, b, data = servers
     port = free_port()
     proxy = start_proxy(config_text(port, a.port, data.port))
@@ -59,7 +59,7 @@ async def test_sighup_changes_routes_while_a_transfer_continues(servers, start_p
     assert all(e["outcome"] == "closed" for e in events)
 
 
-async def test_sigterm_drains_open_connections(servers, start_proxy):
+async def test_sigterm_drains_open_connections(servers, start_proxy, relay_mode):
     a, _, data = servers
     port = free_port()
     proxy = start_proxy(config_text(port, a.port, data.port, grace=20.0))
@@ -76,7 +76,7 @@ async def test_sigterm_drains_open_connections(servers, start_proxy):
     assert event["outcome"] == "closed"
 
 
-async def test_sigterm_cuts_connections_still_open_after_the_grace_period(servers, start_proxy):
+async def test_sigterm_cuts_connections_still_open_after_the_grace_period(servers, start_proxy, relay_mode):
     a, _, data = servers
     port = free_port()
     proxy = start_proxy(config_text(port, a.port, data.port, grace=0.5))
@@ -88,5 +88,8 @@ async def test_sigterm_cuts_connections_still_open_after_the_grace_period(server
     (event,) = await proxy.access()
     assert event["outcome"] == "shutdown"
     async with asyncio.timeout(5):
-        assert await reader.read() == b""
+        try:  # cut means closed: with a FIN (copy) or a reset (splice aborts the kernel's queue)
+            assert await reader.read() == b""
+        except ConnectionResetError:
+            pass
     writer.close()

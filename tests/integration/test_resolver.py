@@ -1,11 +1,13 @@
 # The Resolver against real DNS servers on loopback (dnslib, counting queries): TTLs and their
 # min/max bounds, negative caching, timeouts and failover to the next nameserver, single-flight,
 # address families and modes; then the same through the real proxy process (NXDOMAIN close and
-# access log, 200 concurrent connections, an AAAA-only backend on ::1). The cache here is in memory;
-# tests/kernel/test_dns_cache.py runs the same resolver on the pinned kernel map.
+# access log, 200 concurrent connections, an AAAA-only backend on ::1, [resolver] changes on SIGHUP).
+# The cache here is in memory; tests/kernel/test_dns_cache.py runs the same resolver on the pinned
+# kernel map.
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -369,5 +371,77 @@ async def test_an_aaaa_only_name_reaches_an_ipv6_backend(ca, dns, start_proxy) -
         assert event["outcome"] == "closed" and event["backend"] == f"[::1]:{backend.port}"
         assert dns.queries[("six-backend.test", "A")] == 1
         assert dns.queries[("six-backend.test", "AAAA")] == 1
+    finally:
+        await backend.close()
+
+
+async def test_sighup_with_new_nameservers_sends_new_lookups_there(ca, gated, start_proxy) -> None:
+    # A lookup in flight on the old nameserver when the reload lands finishes there (its resolver is
+    # closed only once no connection uses it); every lookup after the reload goes to the new one.
+    backend = await TlsBackend("app", server_context(ca, "slow.test", "new.test")).start()
+    second = DnsServer()
+    try:
+        for server in (gated, second):
+            server.add("slow-backend.test", ["127.0.0.1"])
+            server.add("new-backend.test", ["127.0.0.1"])
+        port = free_port()
+        routes = [("slow.test", f"slow-backend.test:{backend.port}"),
+                  ("new.test", f"new-backend.test:{backend.port}")]
+        proxy = start_proxy(proxy_config(port, routes, gated.address, timeout=10.0, tries=1))
+        ctx = client_context(ca)
+        slow = asyncio.create_task(who("127.0.0.1", port, "slow.test", ctx, timeout=20))
+        async with asyncio.timeout(10):
+            while gated.count("slow-backend.test") == 0:  # held at the old nameserver
+                await asyncio.sleep(0.02)
+
+        proxy.config_path.write_text(proxy_config(port, routes, second.address, timeout=10.0, tries=1))
+        proxy.signal(signal.SIGHUP)
+        (reloaded,) = await proxy.until(lambda e: e.get("event") == "resolver_reloaded")
+        assert reloaded["nameservers"] == [second.address]
+        assert await who("127.0.0.1", port, "new.test", ctx, timeout=5) == "backend=app alpn=None"
+        assert second.count("new-backend.test") == 2 and gated.count("new-backend.test") == 0
+        assert not slow.done()
+
+        gated.gate.set()
+        assert await slow == "backend=app alpn=None"  # not cut by the reload
+        assert second.count("slow-backend.test") == 0
+        events = await proxy.access(count=2)
+        assert sorted(e["sni"] for e in events) == ["new.test", "slow.test"]
+        assert all(e["outcome"] == "closed" for e in events)
+        # ... and once its last connection is gone, the old resolver is closed.
+        (closed,) = await proxy.until(lambda e: e.get("event") == "resolver_closed")
+        assert closed["nameservers"] == [gated.address]
+    finally:
+        second.close()
+        await backend.close()
+
+
+async def test_sighup_applies_mode_and_ttl_bounds_to_new_lookups(ca, dns, start_proxy) -> None:
+    backend = await TlsBackend("app", server_context(ca, "one.test", "two.test"), host="::1").start()
+    try:
+        dns.add("one-backend.test", ["::1"], ttl=300)
+        dns.add("two-backend.test", ["::1"], ttl=300)
+        port = free_port()
+        routes = [("one.test", f"one-backend.test:{backend.port}"), ("two.test", f"two-backend.test:{backend.port}")]
+        proxy = start_proxy(proxy_config(port, routes, dns.address, mode="ipv4_only"))
+        ctx = client_context(ca)
+        await closed_cleanly(port, "one.test")  # ipv4_only: an AAAA-only name has no address
+        (event,) = await proxy.access()
+        assert event["reason"] == "one-backend.test: no_address"
+
+        proxy.signal(signal.SIGHUP)  # the same [resolver]: the running resolver stays
+        await proxy.until(lambda e: e.get("event") == "reloaded")
+        proxy.config_path.write_text(proxy_config(port, routes, dns.address, mode="ipv6_only",
+                                                  min_ttl=0.0, max_ttl=0.5, cache_size=500))
+        proxy.signal(signal.SIGHUP)
+        (reloaded,) = await proxy.until(lambda e: e.get("event") == "resolver_reloaded")
+        assert (reloaded["mode"], reloaded["max_ttl"]) == ("ipv6_only", 0.5)
+        (kept,) = [e for e in proxy.events() if e.get("event") == "reload_resolver_unchanged"]
+        assert "cache_size" in kept["reason"]  # the cache is opened once, at start
+        assert await who("127.0.0.1", port, "two.test", ctx) == "backend=app alpn=None"
+        assert dns.queries[("two-backend.test", "AAAA")] == 1
+        await asyncio.sleep(0.6)  # past the new max_ttl: asked again
+        assert await who("127.0.0.1", port, "two.test", ctx) == "backend=app alpn=None"
+        assert dns.queries[("two-backend.test", "AAAA")] == 2
     finally:
         await backend.close()

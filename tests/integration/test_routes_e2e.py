@@ -33,7 +33,7 @@ async def backends(ca):
 
 
 @pytest.fixture
-def routed_proxy(backends, dns, start_proxy):
+def routed_proxy(backends, dns, start_proxy, relay_mode):
     dns.add("backend.test", ["127.0.0.2"])
     dns.add("foo.internal.test", ["127.0.0.3"])
     dns.add("dyn.test", ["127.0.0.4"])
@@ -79,7 +79,7 @@ async def test_each_route_kind_reaches_its_backend(routed_proxy, ca, sni, expect
     assert event["alpn"] == ["h2", "http/1.1"]
     assert event["route"] == expected_route
     assert event["outcome"] == "closed"
-    assert event["relay"] == "copy"
+    assert event["relay"] == routed_proxy.expected_relay
     assert event["bytes_up"] > 0 and event["bytes_down"] > 0
 
 

@@ -66,6 +66,20 @@ def sniproxy(*args: str) -> subprocess.CompletedProcess:
                           cwd=REPO, timeout=60)
 
 
+def open_lru_sizes() -> list[int]:
+    """max_entries of every lru_hash map this process holds an fd of (from /proc/self/fdinfo)."""
+    sizes = []
+    for fd in os.listdir("/proc/self/fdinfo"):
+        try:
+            with open(f"/proc/self/fdinfo/{fd}") as f:
+                info = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:
+            continue
+        if info.get("map_type", "").strip() == str(dnsmap.BPF_MAP_TYPE_LRU_HASH):
+            sizes.append(int(info["max_entries"]))
+    return sizes
+
+
 def test_ctypes_mirrors_match_btf(cache: BpfDnsCache, pin_dir: str) -> None:
     shown = bpftool("map", "show", "pinned", f"{pin_dir}/dns_cache")
     assert shown["type"] == "lru_hash" and shown["name"] == "dns_cache" and shown["max_entries"] == 1024
@@ -144,6 +158,40 @@ def test_the_pin_survives_close_and_is_reused_without_a_compile(pin_dir: str) ->
         second.close()
 
 
+def test_a_reopened_pin_is_the_map_the_program_reads(pin_dir: str) -> None:
+    DnsMap.load(pin_dir, 1024).close()
+    pinned_id = bpftool("map", "show", "pinned", f"{pin_dir}/dns_cache")["id"]
+    dns_map = DnsMap.load(pin_dir, 1024)
+    try:
+        assert dns_map.info.id == pinned_id
+        # The program reads the pinned map, not the stand-in it was compiled against, and the
+        # stand-in is gone: no one-entry lru_hash is left open in this process.
+        readers = [p for p in bpftool("prog", "show") if pinned_id in p.get("map_ids", [])]
+        assert [(p["name"], p["map_ids"]) for p in readers] == [("dns_lookup", [pinned_id])]
+        assert open_lru_sizes().count(1) == 0 and 1024 in open_lru_sizes()
+        at = dnsmap.boottime_ns()
+        dns_map.update("seen.test", dnsmap.Entry(at + 10**10, at, 10_000, BOTH, ("192.0.2.1",), ()))
+        assert dns_map.lookup("seen.test").v4 == ("192.0.2.1",)  # through dns_lookup
+    finally:
+        dns_map.close()
+    assert not [p for p in bpftool("prog", "show") if pinned_id in p.get("map_ids", [])]
+
+
+def test_the_loser_of_a_race_to_pin_uses_the_winners_map(pin_dir: str) -> None:
+    # Two proxies starting at once both find no pin: the one whose BPF_OBJ_PIN gets EEXIST must
+    # load its program against the map the other one pinned, not keep a private map.
+    winner = DnsMap.load(pin_dir, 1024)
+    loser = dnsmap._load(f"{pin_dir}/dns_cache", 1024, None)  # as if it had found no pin
+    try:
+        assert dnsmap.map_info(loser.map_fd).id == winner.info.id
+        at = dnsmap.boottime_ns()
+        winner.update("race.test", dnsmap.Entry(at + 10**10, at, 10_000, BOTH, ("192.0.2.8",), ()))
+        assert DnsMap(winner.path, loser.map_fd, loser).lookup("race.test").v4 == ("192.0.2.8",)
+    finally:
+        loser.close()
+        winner.close()
+
+
 @pytest.mark.parametrize("spec", [
     ("lru_hash", 256, 8),    # another value layout: BCC would reuse it silently
     ("hash", 256, ct.sizeof(dnsmap.DnsEntry)),  # right sizes, wrong map type
@@ -181,7 +229,10 @@ def test_a_new_cache_size_replaces_the_map_and_keeps_live_entries(pin_dir: str) 
         big.close()
 
 
-def test_the_proxys_reads_keep_hot_names_in_the_lru(pin_dir: str) -> None:
+@pytest.mark.parametrize("pin", ["created", "reopened"])
+def test_the_proxys_reads_keep_hot_names_in_the_lru(pin_dir: str, pin: str) -> None:
+    if pin == "reopened":  # the program is then loaded against a map another process pinned
+        DnsMap.load(pin_dir, 1024).close()
     dns_map = DnsMap.load(pin_dir, 1024)
     cache = BpfDnsCache(dns_map)
     try:
@@ -257,10 +308,25 @@ def test_open_dns_cache_falls_back_to_memory_with_one_reason(tmp_path) -> None:
         assert isinstance(c, MemoryDnsCache)
     (event,) = [e for e in logs if e["event"] == "dns_cache"]
     assert event["mode"] == "memory" and "not on a bpf filesystem" in event["reason"]
-    with capture_logs() as logs, open_dns_cache(EbpfConfig(splice=False), resolver) as c:
+    assert event["log_level"] == "warning"
+
+
+def test_kernel_cache_false_keeps_names_in_memory_even_when_splicing(pin_dir: str) -> None:
+    with capture_logs() as logs, open_dns_cache(EbpfConfig(splice=True, pin_dir=pin_dir),
+                                                ResolverConfig(kernel_cache=False)) as c:
         assert isinstance(c, MemoryDnsCache)
     (event,) = [e for e in logs if e["event"] == "dns_cache"]
-    assert event["mode"] == "memory" and "splice = false" in event["reason"]
+    assert event["mode"] == "memory" and event["reason"] == "[resolver] kernel_cache = false"
+    assert event["log_level"] == "info"  # asked for, not a degradation
+    assert not os.path.exists(f"{pin_dir}/dns_cache")
+
+
+def test_kernel_cache_true_uses_the_map_even_without_splice(pin_dir: str) -> None:
+    with capture_logs() as logs, open_dns_cache(EbpfConfig(splice=False, pin_dir=pin_dir),
+                                                ResolverConfig(kernel_cache=True)) as c:
+        assert isinstance(c, BpfDnsCache) and c.path == f"{pin_dir}/dns_cache"
+    (event,) = [e for e in logs if e["event"] == "dns_cache"]
+    assert event["mode"] == "kernel"
 
 
 def test_open_dns_cache_uses_the_kernel_map_when_it_can(pin_dir: str) -> None:
@@ -323,5 +389,67 @@ async def test_a_restarted_proxy_serves_names_from_the_pinned_map_without_a_quer
         assert sniproxy("dns", "--pin-dir", pin_dir, "flush", "backend.test").returncode == 0
         assert await who("127.0.0.1", port, "app.test", client_context(ca)) == "backend=app alpn=None"
         assert dns.count("backend.test") == 4
+    finally:
+        await backend.close()
+
+
+async def test_a_copy_mode_proxy_caches_names_in_the_kernel_map(ca, dns, start_proxy, pin_dir: str) -> None:
+    # [ebpf] splice = false, [resolver] kernel_cache = true: bytes are copied in userspace, names
+    # still go to the pinned map (what `sniproxy dns` lists).
+    backend = await TlsBackend("app", server_context(ca, "app.test")).start()
+    try:
+        dns.add("copy-backend.test", ["127.0.0.1"], ttl=300)
+        port = free_port()
+        proxy = start_proxy(configs.listener(f"127.0.0.1:{port}")
+                            + configs.table("default", [("app.test", f"copy-backend.test:{backend.port}")])
+                            + configs.common(dns.address, splice=False, pin_dir=pin_dir, kernel_cache=True))
+        modes = {e["event"]: e["mode"] for e in proxy.events() if e.get("event") in ("relay_mode", "dns_cache")}
+        assert modes == {"relay_mode": "copy", "dns_cache": "kernel"}
+        assert await who("127.0.0.1", port, "app.test", client_context(ca)) == "backend=app alpn=None"
+        listing = sniproxy("dns", "--pin-dir", pin_dir)
+        assert listing.returncode == 0 and "copy-backend.test" in listing.stdout, listing
+    finally:
+        await backend.close()
+
+
+# The systemd unit's capabilities, exactly (docs/operations.md): no CAP_SYS_ADMIN.
+UNIT_CAPS = ("bpf", "net_admin", "perfmon", "net_bind_service")
+UNIT_CAP_EFF = (1 << 39) | (1 << 38) | (1 << 12) | (1 << 10)  # 000000c000001400
+AS_THE_UNIT = ["setpriv", "--inh-caps=-all", "--bounding-set=-all," + ",".join(f"+{c}" for c in UNIT_CAPS),
+               "--"]
+
+
+def effective_caps_under(prefix: list[str]) -> int:
+    # Read from a process started the same way: the proxy itself may drop capabilities once started.
+    status = subprocess.run([*prefix, "cat", "/proc/self/status"], check=True, capture_output=True,
+                            text=True).stdout
+    (line,) = [line for line in status.splitlines() if line.startswith("CapEff:")]
+    return int(line.split()[1], 16)
+
+
+async def test_a_restart_with_only_the_units_capabilities_reuses_the_pinned_map(
+        ca, dns, start_proxy, pin_dir: str) -> None:
+    # BCC's own reopen of a pin (BPF_TABLE_PINNED) goes through BPF_MAP_GET_FD_BY_ID, which needs
+    # CAP_SYS_ADMIN: under the unit every start after the first fell back to memory.
+    backend = await TlsBackend("app", server_context(ca, "app.test")).start()
+    try:
+        dns.add("caps-backend.test", ["127.0.0.1"], ttl=300)
+        port = free_port()
+        text = (configs.listener(f"127.0.0.1:{port}")
+                + configs.table("default", [("app.test", f"caps-backend.test:{backend.port}")])
+                + configs.common(dns.address, splice=True, pin_dir=pin_dir))
+        assert effective_caps_under(AS_THE_UNIT) == UNIT_CAP_EFF
+        for run in ("first", "second"):
+            proxy = start_proxy(text, argv_prefix=AS_THE_UNIT)
+            (relay,) = [e for e in proxy.events() if e.get("event") == "relay_mode"]
+            (cache,) = [e for e in proxy.events() if e.get("event") == "dns_cache"]
+            assert (relay["mode"], cache["mode"]) == ("splice", "kernel"), (run, relay, cache)
+            assert await who("127.0.0.1", port, "app.test", client_context(ca)) == "backend=app alpn=None"
+            (event,) = await proxy.access()
+            assert event["outcome"] == "closed" and event["backend"] == f"127.0.0.1:{backend.port}"
+            assert proxy.stop() == 0
+            # A and AAAA once, by the first run; the second run answered from the pinned map.
+            assert dns.count("caps-backend.test") == 2, run
+        assert os.path.exists(f"{pin_dir}/dns_cache")
     finally:
         await backend.close()

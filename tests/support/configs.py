@@ -28,9 +28,13 @@ def table(name: str, routes: list[tuple[str, ...]], fallback: str | None = None,
 
 
 def common(nameserver: str | None = None, splice: bool = False, pin_dir: str | None = None,
-           limits: dict[str, float] | None = None) -> str:
+           limits: dict[str, float] | None = None, kernel_cache: bool | None = None) -> str:
+    """kernel_cache defaults to `splice`, so a proxy that splices in its own pin_dir also caches names
+    there, and one that does not never touches the shared default pin dir."""
     out = "[resolver]\n"
     out += f"nameservers = [{toml_str(nameserver)}]\n" if nameserver else "nameservers = []\n"
+    kernel = splice if kernel_cache is None else kernel_cache
+    out += f"kernel_cache = {'true' if kernel else 'false'}\n"
     out += "timeout = 1.0\n\n[limits]\n"
     merged = {"client_hello_timeout": 5.0, "connect_timeout": 3.0, "idle_timeout": 60.0,
               "max_connections": 10000, "shutdown_grace": 5.0}

@@ -1,11 +1,13 @@
 # CachedAnswer semantics (which mode an answer can serve, address order), MemoryDnsCache expiry and
-# LRU bound, and the `sniproxy dns` listing. Pure: no sockets, no BPF.
+# LRU bound, the `sniproxy dns` listing, and the [resolver] kernel_cache switch. Pure: no sockets,
+# no BPF.
 from __future__ import annotations
 
 import time
 
 import pytest
 
+from sniproxy.config import ConfigError, parse_config
 from sniproxy.dnscache import QUERIED_A, QUERIED_AAAA, CachedAnswer, MemoryDnsCache, now, render
 
 BOTH = QUERIED_A | QUERIED_AAAA
@@ -91,3 +93,21 @@ def test_render_lists_live_names_sorted_and_counts_expired_ones() -> None:
     assert lines[3].split()[:2] == ["c.test", "5s/5s"] and lines[3].endswith("no address")
     assert lines[4] == "3 name(s) cached, 1 expired (not served)"
     assert render([], at)[1:] == ["0 name(s) cached"]
+
+
+_MINIMAL = '[[listener]]\nbind = "127.0.0.1:8443"\ntable = "t"\n[table.t]\nroutes = []\n'
+
+
+def test_kernel_cache_is_on_by_default_and_independent_of_splice() -> None:
+    assert parse_config(_MINIMAL).resolver.kernel_cache is True
+    off = parse_config(_MINIMAL + "[resolver]\nkernel_cache = false\n[ebpf]\nsplice = true\n")
+    assert off.resolver.kernel_cache is False and off.ebpf.splice is True
+    on = parse_config(_MINIMAL + "[resolver]\nkernel_cache = true\n[ebpf]\nsplice = false\n")
+    assert on.resolver.kernel_cache is True and on.ebpf.splice is False
+
+
+@pytest.mark.parametrize("value", ["1", '"false"', "0"])
+def test_kernel_cache_must_be_a_boolean(value: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(_MINIMAL + f"[resolver]\nkernel_cache = {value}\n")
+    assert err.value.key_path == "resolver.kernel_cache" and "true or false" in str(err.value)
