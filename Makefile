@@ -24,6 +24,11 @@ bench:
 	@bash scripts/setup.sh --bench
 	$(PY) bench/run_all.py $(BENCH_ARGS)
 
+# A few minutes of mixed traffic and faults in copy and splice mode (60 s each inside `make test`).
+SOAK_SECONDS ?= 120
+soak: setup
+	SOAK_SECONDS=$(SOAK_SECONDS) $(PY) -m pytest -s -q tests/integration/test_soak.py
+
 # Ten minutes of coverage-guided fuzzing of the ClientHello and PROXY header readers.
 FUZZ_SECONDS ?= 600
 fuzz: setup

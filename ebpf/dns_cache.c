@@ -2,8 +2,8 @@
  * process of the proxy (and the next one, after a restart) sees the same entries, and dns_lookup, the
  * program the proxy reads it through. Invariant: the map is only written from userspace; the program
  * only reads. Compiled by BCC with -I<ebpf dir> -DDNS_CACHE_SIZE=<n>; sniproxy/kernel/dnsmap.py pins
- * the map BCC creates, or, when a pin exists, points the program at the pinned map before loading it
- * (not BPF_TABLE_PINNED: BCC reopens a pin by id, which the kernel allows only with CAP_SYS_ADMIN).
+ * the map BCC creates, or, when a pin exists, swaps the pinned map in for this one before the program
+ * is loaded (not BPF_TABLE_PINNED: BCC reopens a pin by id, which needs CAP_SYS_ADMIN).
  *
  * Why a program for reads: a bpf(BPF_MAP_LOOKUP_ELEM) from userspace does not set the LRU reference
  * bit, so a map read only through syscalls evicts in insertion order, hot names included. A lookup
