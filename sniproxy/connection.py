@@ -61,6 +61,36 @@ def _peer_text(address: Any) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
+async def _ready(loop: asyncio.AbstractEventLoop, fd: int, writable: bool, deadline: float) -> None:
+    """Until fd is readable (writable), or TimeoutError at `deadline` (loop time). One future and one
+    timer: measured cheaper per connection than loop.sock_recv/sock_connect under asyncio.timeout()
+    (uvloop's sock_connect even sends every numeric address through getaddrinfo in its thread pool)."""
+    waiter = loop.create_future()
+    timer = loop.call_at(deadline, _expire, waiter)
+    if writable:
+        loop.add_writer(fd, _wake, waiter)
+    else:
+        loop.add_reader(fd, _wake, waiter)
+    try:
+        await waiter
+    finally:
+        timer.cancel()
+        if writable:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
+
+
 class Connection:
     def __init__(
         self,
@@ -70,6 +100,7 @@ class Connection:
         policy: Policy,
         resolver: Resolver,
         relay: Relay,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.client = client
         self.client_address = client_address
@@ -77,6 +108,8 @@ class Connection:
         self.policy = policy
         self.resolver = resolver
         self.relay = relay
+        # Passed in by the server: on Python 3.11 every get_running_loop() is a getpid() system call.
+        self.loop = loop
         self.state = State.ACCEPTED
         self.started = time.monotonic()
         self.hello: tls.ClientHello | None = None
@@ -91,6 +124,8 @@ class Connection:
         reason: str | None = None
         result: RelayResult | None = None
         backend: socket.socket | None = None
+        if self.loop is None:
+            self.loop = asyncio.get_running_loop()
         try:
             self.hello = await self._read_hello()
             self.state = State.ROUTING
@@ -138,26 +173,34 @@ class Connection:
 
     async def _read_hello(self) -> tls.ClientHello:
         self.state = State.READING_HELLO
-        loop = asyncio.get_running_loop()
+        loop = self.loop
+        assert loop is not None and self.client is not None
+        client = self.client
         reader = tls.ClientHelloReader(max_size=self.policy.limits.max_client_hello_size)
         header_reader = self._proxy_header_reader()
+        deadline = loop.time() + self.policy.limits.client_hello_timeout
         try:
-            async with asyncio.timeout(self.policy.limits.client_hello_timeout):
-                while True:
-                    data = await loop.sock_recv(self.client, _RECV_SIZE)
-                    if not data:
-                        raise _Rejected("client_closed", "client closed before a complete ClientHello")
-                    if header_reader is not None:
-                        data = self._feed_proxy_header(header_reader, data)
-                        if data is None:
-                            continue
-                        header_reader = None
-                    self.buffered += data
-                    # Everything read is forwarded verbatim later, including bytes past the hello:
-                    # reading only part of an skb would let a splice re-send it from its start.
-                    result = reader.feed(data)
-                    if isinstance(result, tls.ClientHello):
-                        return result
+            while True:
+                # Read first, wait only if nothing is there: the hello has usually arrived by the
+                # time the connection is accepted, and then no readiness watch is set up at all.
+                try:
+                    data = client.recv(_RECV_SIZE)
+                except (BlockingIOError, InterruptedError):
+                    await _ready(loop, client.fileno(), False, deadline)
+                    continue
+                if not data:
+                    raise _Rejected("client_closed", "client closed before a complete ClientHello")
+                if header_reader is not None:
+                    data = self._feed_proxy_header(header_reader, data)
+                    if data is None:
+                        continue
+                    header_reader = None
+                self.buffered += data
+                # Everything read is forwarded verbatim later, including bytes past the hello:
+                # reading only part of an skb would let a splice re-send it from its start.
+                result = reader.feed(data)
+                if isinstance(result, tls.ClientHello):
+                    return result
         except TimeoutError:
             raise _Rejected("hello_timeout", "no complete ClientHello before the deadline") from None
         except tls.ClientHelloError as exc:
@@ -204,26 +247,32 @@ class Connection:
     async def _connect(self, addresses: list[str]) -> socket.socket:
         """Try each address in turn within one connect_timeout; a dead address gets its share of the
         time left, so one black hole cannot use up the whole budget."""
-        assert self.route is not None
-        loop = asyncio.get_running_loop()
+        assert self.route is not None and self.loop is not None
+        loop = self.loop
         deadline = loop.time() + self.policy.limits.connect_timeout
         errors: list[str] = []
         for index, address in enumerate(addresses):
             family = socket.AF_INET6 if ":" in address else socket.AF_INET
             target = (address, self.route.port)
             self.backend_address = target
-            share = (deadline - loop.time()) / (len(addresses) - index)
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            started = loop.time()
+            share_ends = started + (deadline - started) / (len(addresses) - index)
+            # SOCK_NONBLOCK: non-blocking from birth, no separate ioctl.
+            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
             try:
-                sock.setblocking(False)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                async with asyncio.timeout(share):
-                    await loop.sock_connect(sock, target)
+                # `address` is an IP literal (Resolver's contract): no name lookup happens here.
+                err = sock.connect_ex(target)
+                if err in (errno.EINPROGRESS, errno.EINTR):
+                    await _ready(loop, sock.fileno(), True, share_ends)
+                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    raise OSError(err, os.strerror(err))
                 return sock
             except TimeoutError:
                 errors.append(f"{_peer_text(target)}: connect timeout")
             except OSError as exc:
-                # uvloop's message is "Connect call failed"; the errno says why.
+                # The errno says why; an address Python cannot parse (gaierror) has none.
                 why = os.strerror(exc.errno) if exc.errno else str(exc)
                 errors.append(f"{_peer_text(target)}: {why}")
             except BaseException:

@@ -57,7 +57,7 @@ class _Side(asyncio.Protocol):
         # The backend side starts reading before the client side's transport exists (the ServerHello
         # can arrive in between): hold what arrives until the peer is ready.
         self.held: list[bytes] = []
-        self.lost: asyncio.Future[BaseException | None] = relay.loop.create_future()
+        self.lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement the Transport interface without subclassing it.
@@ -103,11 +103,11 @@ class _Side(asyncio.Protocol):
             self.peer.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if not self.lost.done():
-            self.lost.set_result(exc)
+        self.lost = True
         if exc is not None:
             self.pair.reset_by(self)
         self.pair.maybe_finish()
+        self.pair.maybe_done()
 
 
 class _CopiedPair:
@@ -118,6 +118,9 @@ class _CopiedPair:
         self.client.peer, self.backend.peer = self.backend, self.client
         self.last_activity = time.monotonic()
         self.outcome: Outcome | None = None
+        # Set once both sockets are gone: the one thing CopyRelay waits for.
+        self.done: asyncio.Future[None] = loop.create_future()
+        self.idle_timer: asyncio.TimerHandle | None = None
 
     def reset_by(self, side: _Side) -> None:
         if self.outcome is None:
@@ -135,7 +138,7 @@ class _CopiedPair:
             for side in (self.client, self.backend):
                 if side.transport is not None:
                     side.transport.close()
-        elif self.client.lost.done() or self.backend.lost.done():
+        elif self.client.lost or self.backend.lost:
             # One socket is gone for good (error or both halves closed on it): nothing more can flow.
             for side in (self.client, self.backend):
                 if side.transport is not None and not side.transport.is_closing():
@@ -145,6 +148,21 @@ class _CopiedPair:
         for side in (self.client, self.backend):
             if side.transport is not None:
                 side.transport.abort()
+
+    def maybe_done(self) -> None:
+        if self.client.lost and self.backend.lost and not self.done.done():
+            self.done.set_result(None)
+
+    def watch_idle(self, idle_timeout: float) -> None:
+        """A timer re-armed for the time left since the last byte, not once per byte: data_received
+        only stamps last_activity."""
+        remaining = self.last_activity + idle_timeout - time.monotonic()
+        if remaining > 0:
+            self.idle_timer = self.loop.call_later(remaining, self.watch_idle, idle_timeout)
+            return
+        self.idle_timer = None
+        self.outcome = self.outcome or Outcome.IDLE_TIMEOUT
+        self.abort()
 
 
 class CopyRelay:
@@ -195,14 +213,11 @@ class CopyRelay:
 
     @staticmethod
     async def _wait(pair: _CopiedPair, idle_timeout: float) -> None:
-        both_lost = asyncio.gather(pair.client.lost, pair.backend.lost)
-        while True:
-            remaining = pair.last_activity + idle_timeout - time.monotonic()
-            if remaining <= 0:
-                pair.outcome = pair.outcome or Outcome.IDLE_TIMEOUT
-                pair.abort()
-                await both_lost
-                return
-            done, _ = await asyncio.wait({both_lost}, timeout=remaining)
-            if done:
-                return
+        """Until both sockets are gone; past idle_timeout without a byte either way, abort them
+        (which ends in the same place)."""
+        pair.watch_idle(idle_timeout)
+        try:
+            await pair.done
+        finally:
+            if pair.idle_timer is not None:
+                pair.idle_timer.cancel()

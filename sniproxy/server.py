@@ -339,13 +339,14 @@ class Server:
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue
                 raise
-            self._start_connection(entry, client, address)
+            self._start_connection(entry, client, address, loop)
 
     def _resume_accept(self, entry: _Listening) -> None:
         if entry in self._listening and entry.paused:
             self._watch(entry)
 
-    def _start_connection(self, entry: _Listening, client: socket.socket, address: tuple) -> None:
+    def _start_connection(self, entry: _Listening, client: socket.socket, address: tuple,
+                          loop: asyncio.AbstractEventLoop) -> None:
         client.setblocking(False)
         policy = self._policies[entry.name]
         limits = policy.limits
@@ -368,8 +369,8 @@ class Server:
         self.accepted += 1
         resolver = self.resolver
         assert resolver is not None
-        connection = Connection(client, address, entry.name, policy, resolver, self.relay)
-        task = asyncio.get_running_loop().create_task(connection.handle())
+        connection = Connection(client, address, entry.name, policy, resolver, self.relay, loop)
+        task = loop.create_task(connection.handle())
         self._connections.add(task)
         self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
         self._resolver_users[resolver] = self._resolver_users.get(resolver, 0) + 1

@@ -21,6 +21,7 @@ from .kernel.splice import SplicedPair, SpliceTable
 from .relay import CopyRelay, Outcome, RelayResult
 
 TCP_INQ = 36
+_SO_SNDBUFFORCE = 32
 TCP_CM_INQ = TCP_INQ
 # Bytes left in a receive queue before insertion must be read whole (a partly read skb would later be
 # run through the verdict from offset 0 again); this bounds what one recv may need.
@@ -389,7 +390,12 @@ class SpliceRelay:
     def _prepare(self, sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, TCP_INQ, 1)
         if self.sndbuf:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.sndbuf)
+            try:
+                # Past net.core.wmem_max (root / CAP_NET_ADMIN): the send buffer is what the psock
+                # backlog can push per jiffy-delayed retry, so it caps a spliced stream's rate.
+                sock.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, self.sndbuf)
+            except PermissionError:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.sndbuf)
         if self.rcvbuf:
             # Bounds what one hold leaves for us to copy (redirecting keeps this queue empty).
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)

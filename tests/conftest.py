@@ -76,6 +76,8 @@ def start_proxy(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Star
             pin_dirs.append(pin_dir)
             assert "splice = false" in text, "relay_mode tests must build their config with configs.common()"
             text = text.replace("splice = false", f'splice = true\npin_dir = "{pin_dir}"')
+            # The kernel DNS cache too: those runs exercise the whole BPF side, not just the splice.
+            text = text.replace("kernel_cache = false", "kernel_cache = true")
             if mode == "nocap":
                 prefix = _NO_BPF_CAPS + prefix
         config_path = tmp_path / f"proxy{n}.toml"

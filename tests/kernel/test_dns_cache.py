@@ -1,8 +1,10 @@
 # The pinned dns_cache map on this kernel: layout (ctypes mirrors vs BTF), what bpftool shows, pins
 # that survive and are reused, stale pins of another layout or size, expiry, LRU order under the
-# proxy's reads, the `sniproxy dns` command, the fallback to memory, and the restart test: a second
-# proxy process serves names the first one resolved without asking the DNS server. Nothing is mocked;
-# every test pins under its own /sys/fs/bpf/sniproxy-test-dns-* directory and removes it.
+# proxy's reads (on a created and on a reopened pin), a race to pin, the `sniproxy dns` command,
+# [resolver] kernel_cache and the fallback to memory, and the restart tests: a second proxy process
+# serves names the first one resolved without asking the DNS server, also with only the systemd
+# unit's four capabilities. Nothing is mocked; every test pins under its own
+# /sys/fs/bpf/sniproxy-test-dns-* directory and removes it.
 from __future__ import annotations
 
 import ctypes as ct

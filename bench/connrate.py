@@ -1,0 +1,239 @@
+#!/usr/bin/env python3
+"""Only the connection-rate workload of `make bench`, against ONE process of this proxy.
+
+For profiling and trimming the per-connection path: the same C load generator and sink, the same
+config as bench/run_all.py (access log off unless --access-log), in copy and/or splice mode. Prints
+conns/s, p50/p99 latency and proxy CPU microseconds per connection, best of --reps (by CPU per
+connection). --profile DIR also runs one extra round under `py-spy record --native` per mode and
+writes DIR/<mode>.txt (collapsed stacks) and DIR/<mode>-summary.txt (top functions, self and total).
+
+    .venv/bin/python bench/connrate.py --modes copy,splice --reps 3
+    .venv/bin/python bench/connrate.py --modes copy --profile /tmp/prof
+
+Needs root for splice mode. Everything it starts is stopped at the end, also on Ctrl-C.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench import native, peers, workloads  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class _Ours(peers.Ours):
+    def __init__(self, splice: bool, access_log: bool) -> None:
+        super().__init__(splice, None)
+        self.access_log = access_log
+
+    def prepare(self, backends: dict[str, int], max_conns: int) -> list[str]:
+        argv = super().prepare(backends, max_conns)
+        if self.access_log:
+            text = self.config_path.read_text().replace("access_log = false", "access_log = true")
+            self.config_path.write_text(text)
+        return argv
+
+
+def _pyspy() -> str:
+    candidate = Path(sys.executable).with_name("py-spy")
+    found = str(candidate) if candidate.exists() else shutil.which("py-spy")
+    if not found:
+        raise SystemExit("connrate: --profile needs py-spy (.venv/bin/pip install py-spy)")
+    return found
+
+
+def summarize(collapsed: Path, top: int) -> str:
+    """Shares of the event loop thread's samples (helper threads such as c-ares's shutdown thread only
+    sleep): per function, self and total (inclusive); and per line of sniproxy/ (the deepest one in
+    each stack), which puts each syscall on the line that made it."""
+    self_count: collections.Counter[str] = collections.Counter()
+    total_count: collections.Counter[str] = collections.Counter()
+    line_count: collections.Counter[str] = collections.Counter()
+    samples = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or "threading.py" in stack:
+            continue
+        count = int(count_text)
+        raw = stack.split(";")
+        frames = [_short(f) for f in raw]
+        samples += count
+        self_count[frames[-1]] += count
+        for frame in set(frames):
+            total_count[frame] += count
+        ours = [f for f in raw if "sniproxy/" in f and "__main__" not in f and "cli.py" not in f]
+        line_count[(ours[-1] if ours else "(outside sniproxy: loop, accept, ...)") + " -> " + frames[-1]] += count
+    if not samples:
+        return "no samples\n"
+    lines = [f"{samples} samples of the event loop thread", "", "self %   function"]
+    lines += [f"{c / samples * 100:6.1f}   {f}" for f, c in self_count.most_common(top)]
+    lines += ["", "total %  function"]
+    lines += [f"{c / samples * 100:6.1f}   {f}" for f, c in total_count.most_common(top)]
+    lines += ["", "self %   deepest sniproxy line -> leaf"]
+    lines += [f"{c / samples * 100:6.1f}   {f}" for f, c in line_count.most_common(top)]
+    return "\n".join(lines) + "\n"
+
+
+def _short(frame: str) -> str:
+    # "func (path/to/file.py:123)" -> "func (file.py)": per function, not per line.
+    name, _, where = frame.partition(" (")
+    file = where.rsplit(":", 1)[0].rstrip(")")
+    return f"{name} ({os.path.basename(file)})" if file else name
+
+
+def run_mode(bench: workloads.Bench, backends: dict[str, int], tmp: Path, mode: str,
+             args: argparse.Namespace) -> dict[str, Any]:
+    results = []
+    for rep in range(1, args.reps + 1):
+        target = _Ours(mode == "splice", args.access_log)
+        workdir = tmp / f"{mode}-{rep}"
+        workdir.mkdir()
+        try:
+            target.start(workdir, backends, 1000)
+            if target.relay_mode != mode:
+                raise SystemExit(f"connrate: asked for {mode}, the proxy runs {target.relay_mode}: "
+                                 f"{target.notes}")
+            workloads.warm_up(bench, target)
+            r = workloads.rate(bench, target, args.seconds, args.clients, args.threads)
+        finally:
+            target.stop()
+        results.append(r)
+        log(f"  {mode} rep {rep}: {r['conns_per_s']:.0f} conns/s, p50 {r['p50_us']:.0f} us, "
+            f"p99 {r['p99_us']:.0f} us, proxy {r['proxy_us_per_conn']:.0f} us/conn, errors {r['errors']}, "
+            f"others {r['cpu']['others_pct']:.0f}%")
+    if args.profile:
+        target = _Ours(mode == "splice", args.access_log)
+        workdir = tmp / f"{mode}-profile"
+        workdir.mkdir()
+        out = args.profile / f"{mode}.txt"
+        try:
+            target.start(workdir, backends, 1000)
+            workloads.warm_up(bench, target)
+            spy = subprocess.Popen([_pyspy(), "record", "--native", "--format", "raw", "--rate",
+                                    str(args.profile_rate), "--pid", str(target.proc.pid), "-o", str(out)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            try:
+                time.sleep(1.0)  # py-spy attaches
+                workloads.rate(bench, target, args.seconds, args.clients, args.threads)
+            finally:
+                spy.send_signal(signal.SIGINT)
+                try:
+                    spy.wait(30)
+                except subprocess.TimeoutExpired:
+                    spy.kill()
+                    spy.wait()
+        finally:
+            target.stop()
+        if out.exists():
+            summary = summarize(out, args.top)
+            (args.profile / f"{mode}-summary.txt").write_text(summary)
+            log(f"  {mode} profile: {out} and {mode}-summary.txt")
+        else:
+            log(f"  {mode} profile: py-spy wrote nothing")
+    if args.syscalls:
+        syscall_counts(bench, backends, tmp, mode, args)
+    best = min(results, key=lambda r: r["proxy_us_per_conn"] or float("inf"))
+    return {"mode": mode, "reps": results, "best_cpu": best,
+            "best_rate": max(results, key=lambda r: r["conns_per_s"])}
+
+
+def syscall_counts(bench: workloads.Bench, backends: dict[str, int], tmp: Path, mode: str,
+                   args: argparse.Namespace) -> None:
+    """One extra round under `strace -c -f`: system calls per connection, all threads (strace slows
+    the proxy down a lot: only the counts mean something, not the times)."""
+    target = _Ours(mode == "splice", args.access_log)
+    workdir = tmp / f"{mode}-strace"
+    workdir.mkdir()
+    out = workdir / "strace.txt"
+    try:
+        target.start(workdir, backends, 1000)
+        workloads.warm_up(bench, target)
+        strace = subprocess.Popen(["strace", "-c", "-f", "-o", str(out), "-p", str(target.proc.pid)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            time.sleep(1.0)
+            r = workloads.rate(bench, target, args.seconds, args.clients, args.threads)
+        finally:
+            strace.send_signal(signal.SIGINT)
+            strace.wait(30)
+    finally:
+        target.stop()
+    ok = r["ok"] or 1
+    log(f"  {mode} system calls per connection ({r['ok']} connections under strace):")
+    for line in out.read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 5 and fields[3].isdigit():
+            calls, name = int(fields[3]), fields[-1]
+            if calls / ok >= 0.05:
+                log(f"    {calls / ok:7.2f}  {name}")
+        elif fields and fields[-1] == "total" and len(fields) >= 4:
+            log(f"    {int(fields[2]) / ok:7.2f}  total")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--modes", default="copy,splice", help="comma-separated: copy, splice")
+    p.add_argument("--reps", type=int, default=3, help="repetitions per mode; the best is reported")
+    p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--clients", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--access-log", action="store_true", help="log one access event per connection")
+    p.add_argument("--profile", type=Path, help="directory for py-spy profiles (one extra round per mode)")
+    p.add_argument("--profile-rate", type=int, default=250, help="py-spy samples per second")
+    p.add_argument("--syscalls", action="store_true", help="count system calls per connection (strace)")
+    p.add_argument("--top", type=int, default=40, help="functions in the profile summary")
+    p.add_argument("--summarize", type=Path, help="only print the summary of this collapsed-stack file")
+    args = p.parse_args(argv)
+    if args.summarize:
+        print(summarize(args.summarize, args.top), end="")
+        return 0
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    tmp = Path(tempfile.mkdtemp(prefix="sniproxy-connrate-"))
+    with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, tmp, ignore_errors=True)
+        bins = native.build(tmp)
+        hello_paths = native.write_hellos(tmp)
+        hellos = {k: path.read_bytes() for k, path in hello_paths.items()}
+        sink = native.Sink(bins["sink"], hello_paths)
+        stack.callback(sink.close)
+        # echo/half are never connected to here; any port satisfies the config's routes.
+        backends = {**sink.ports, "echo": sink.ports["rate"], "half": sink.ports["rate"]}
+        bench = workloads.Bench(sink, native.Loadgen(bins["loadgen"], hello_paths), None, hellos)  # type: ignore[arg-type]
+        rows = []
+        for mode in args.modes.split(","):
+            log(f"{mode}:")
+            rows.append(run_mode(bench, backends, tmp, mode, args))
+    print(f"\n{'mode':8} {'conns/s':>9} {'p50 us':>8} {'p99 us':>8} {'proxy us/conn':>14}   "
+          f"(best of {args.reps}: rate from the fastest rep, CPU from the cheapest)")
+    for row in rows:
+        r, c = row["best_rate"], row["best_cpu"]
+        print(f"{row['mode']:8} {r['conns_per_s']:9.0f} {r['p50_us']:8.0f} {r['p99_us']:8.0f} "
+              f"{c['proxy_us_per_conn']:14.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        log("connrate: interrupted")
+        sys.exit(130)
