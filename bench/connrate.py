@@ -30,7 +30,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench import native, peers, workloads  # noqa: E402
+from bench import native, peers, procs, workloads  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -38,15 +38,27 @@ def log(msg: str) -> None:
 
 
 class _Ours(peers.Ours):
-    def __init__(self, splice: bool, access_log: bool) -> None:
+    def __init__(self, splice: bool, access_log: bool, cprofile: Path | None = None,
+                 tree: Path | None = None) -> None:
         super().__init__(splice, None)
         self.access_log = access_log
+        self.cprofile = cprofile
+        self.tree = tree
+
+    def env(self) -> dict[str, str]:
+        env = super().env()
+        if self.tree:
+            env["PYTHONPATH"] = str(self.tree)  # another copy of the package, for an A/B run
+        return env
 
     def prepare(self, backends: dict[str, int], max_conns: int) -> list[str]:
         argv = super().prepare(backends, max_conns)
         if self.access_log:
             text = self.config_path.read_text().replace("access_log = false", "access_log = true")
             self.config_path.write_text(text)
+        if self.cprofile:
+            # Deterministic: call counts per connection (the times are inflated by the profiler).
+            argv = [argv[0], "-m", "cProfile", "-o", str(self.cprofile), *argv[1:]]
         return argv
 
 
@@ -97,26 +109,57 @@ def _short(frame: str) -> str:
     return f"{name} ({os.path.basename(file)})" if file else name
 
 
+def _user_sys(pids: list[int]) -> tuple[float, float]:
+    """(user, system) CPU seconds of these processes, all threads."""
+    user = system = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError):
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            user += int(fields[11])
+            system += int(fields[12])
+    return user / procs.CLK_TCK, system / procs.CLK_TCK
+
+
+def _one_rate(bench: workloads.Bench, backends: dict[str, int], workdir: Path, mode: str,
+              args: argparse.Namespace, tree: Path | None) -> dict[str, Any]:
+    target = _Ours(mode == "splice", args.access_log, tree=tree)
+    workdir.mkdir()
+    try:
+        target.start(workdir, backends, 1000)
+        if target.relay_mode != mode:
+            raise SystemExit(f"connrate: asked for {mode}, the proxy runs {target.relay_mode}: {target.notes}")
+        workloads.warm_up(bench, target)
+        before = _user_sys(target.pids())
+        r = workloads.rate(bench, target, args.seconds, args.clients, args.threads)
+        after = _user_sys(target.pids())
+    finally:
+        target.stop()
+    ok = r["ok"] or 1
+    r["proxy_user_us_per_conn"] = (after[0] - before[0]) / ok * 1e6
+    r["proxy_sys_us_per_conn"] = (after[1] - before[1]) / ok * 1e6
+    return r
+
+
 def run_mode(bench: workloads.Bench, backends: dict[str, int], tmp: Path, mode: str,
              args: argparse.Namespace) -> dict[str, Any]:
     results = []
+    base: list[dict[str, Any]] = []
     for rep in range(1, args.reps + 1):
-        target = _Ours(mode == "splice", args.access_log)
-        workdir = tmp / f"{mode}-{rep}"
-        workdir.mkdir()
-        try:
-            target.start(workdir, backends, 1000)
-            if target.relay_mode != mode:
-                raise SystemExit(f"connrate: asked for {mode}, the proxy runs {target.relay_mode}: "
-                                 f"{target.notes}")
-            workloads.warm_up(bench, target)
-            r = workloads.rate(bench, target, args.seconds, args.clients, args.threads)
-        finally:
-            target.stop()
+        if args.compare:
+            # Interleaved with the runs of this tree, so a noisy minute on a shared machine hits both.
+            base.append(_one_rate(bench, backends, tmp / f"{mode}-{rep}-base", mode, args, args.compare))
+            b = base[-1]
+            log(f"  {mode} rep {rep} BASE: {b['conns_per_s']:.0f} conns/s, p50 {b['p50_us']:.0f} us, "
+                f"p99 {b['p99_us']:.0f} us, proxy {b['proxy_us_per_conn']:.0f} us/conn "
+                f"(user {b['proxy_user_us_per_conn']:.0f}, sys {b['proxy_sys_us_per_conn']:.0f}), "
+                f"others {b['cpu']['others_pct']:.0f}%")
+        r = _one_rate(bench, backends, tmp / f"{mode}-{rep}", mode, args, None)
         results.append(r)
         log(f"  {mode} rep {rep}: {r['conns_per_s']:.0f} conns/s, p50 {r['p50_us']:.0f} us, "
-            f"p99 {r['p99_us']:.0f} us, proxy {r['proxy_us_per_conn']:.0f} us/conn, errors {r['errors']}, "
-            f"others {r['cpu']['others_pct']:.0f}%")
+            f"p99 {r['p99_us']:.0f} us, proxy {r['proxy_us_per_conn']:.0f} us/conn "
+            f"(user {r['proxy_user_us_per_conn']:.0f}, sys {r['proxy_sys_us_per_conn']:.0f}), "
+            f"errors {r['errors']}, others {r['cpu']['others_pct']:.0f}%")
     if args.profile:
         target = _Ours(mode == "splice", args.access_log)
         workdir = tmp / f"{mode}-profile"
@@ -125,7 +168,7 @@ def run_mode(bench: workloads.Bench, backends: dict[str, int], tmp: Path, mode: 
         try:
             target.start(workdir, backends, 1000)
             workloads.warm_up(bench, target)
-            spy = subprocess.Popen([_pyspy(), "record", "--native", "--format", "raw", "--rate",
+            spy = subprocess.Popen([_pyspy(), "record", *([] if args.no_native else ["--native"]), "--format", "raw", "--rate",
                                     str(args.profile_rate), "--pid", str(target.proc.pid), "-o", str(out)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
             try:
@@ -148,9 +191,16 @@ def run_mode(bench: workloads.Bench, backends: dict[str, int], tmp: Path, mode: 
             log(f"  {mode} profile: py-spy wrote nothing")
     if args.syscalls:
         syscall_counts(bench, backends, tmp, mode, args)
+    if args.cprofile:
+        cprofile(bench, backends, tmp, mode, args)
     best = min(results, key=lambda r: r["proxy_us_per_conn"] or float("inf"))
-    return {"mode": mode, "reps": results, "best_cpu": best,
-            "best_rate": max(results, key=lambda r: r["conns_per_s"])}
+    row = {"mode": mode, "reps": results, "best_cpu": best,
+           "best_rate": max(results, key=lambda r: r["conns_per_s"])}
+    if base:
+        row["base"] = {"mode": f"{mode}-base", "reps": base,
+                       "best_cpu": min(base, key=lambda r: r["proxy_us_per_conn"] or float("inf")),
+                       "best_rate": max(base, key=lambda r: r["conns_per_s"])}
+    return row
 
 
 def syscall_counts(bench: workloads.Bench, backends: dict[str, int], tmp: Path, mode: str,
@@ -186,6 +236,26 @@ def syscall_counts(bench: workloads.Bench, backends: dict[str, int], tmp: Path, 
             log(f"    {int(fields[2]) / ok:7.2f}  total")
 
 
+def cprofile(bench: workloads.Bench, backends: dict[str, int], tmp: Path, mode: str,
+             args: argparse.Namespace) -> None:
+    """One extra round under cProfile: Python calls per connection, by cumulative and own time."""
+    import pstats
+
+    out = args.cprofile / f"{mode}.pstats"
+    target = _Ours(mode == "splice", args.access_log, out)
+    workdir = tmp / f"{mode}-cprofile"
+    workdir.mkdir()
+    try:
+        target.start(workdir, backends, 1000)
+        workloads.warm_up(bench, target)
+        r = workloads.rate(bench, target, args.seconds, args.clients, args.threads)
+    finally:
+        target.stop()  # SIGTERM: the proxy drains and exits normally, and cProfile writes its file
+    log(f"  {mode} cProfile: {r['ok']} connections, {out}")
+    stats = pstats.Stats(str(out))
+    stats.sort_stats("tottime").print_stats(args.top)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--modes", default="copy,splice", help="comma-separated: copy, splice")
@@ -195,16 +265,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--access-log", action="store_true", help="log one access event per connection")
     p.add_argument("--profile", type=Path, help="directory for py-spy profiles (one extra round per mode)")
+    p.add_argument("--no-native", action="store_true",
+                   help="py-spy without --native: does not pause the proxy to unwind C stacks (less skew)")
     p.add_argument("--profile-rate", type=int, default=250, help="py-spy samples per second")
     p.add_argument("--syscalls", action="store_true", help="count system calls per connection (strace)")
+    p.add_argument("--cprofile", type=Path, help="directory for a cProfile round per mode (call counts)")
+    p.add_argument("--compare", type=Path,
+                   help="another source tree (holding sniproxy/) to run interleaved with this one, as BASE")
     p.add_argument("--top", type=int, default=40, help="functions in the profile summary")
     p.add_argument("--summarize", type=Path, help="only print the summary of this collapsed-stack file")
     args = p.parse_args(argv)
     if args.summarize:
         print(summarize(args.summarize, args.top), end="")
         return 0
-    if args.profile:
-        args.profile.mkdir(parents=True, exist_ok=True)
+    for directory in (args.profile, args.cprofile):
+        if directory:
+            directory.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     tmp = Path(tempfile.mkdtemp(prefix="sniproxy-connrate-"))
@@ -222,12 +298,12 @@ def main(argv: list[str] | None = None) -> int:
         for mode in args.modes.split(","):
             log(f"{mode}:")
             rows.append(run_mode(bench, backends, tmp, mode, args))
-    print(f"\n{'mode':8} {'conns/s':>9} {'p50 us':>8} {'p99 us':>8} {'proxy us/conn':>14}   "
-          f"(best of {args.reps}: rate from the fastest rep, CPU from the cheapest)")
-    for row in rows:
+    print(f"\n{'mode':8} {'conns/s':>9} {'p50 us':>8} {'p99 us':>8} {'proxy us/conn':>14} {'user':>6} {'sys':>6}"
+          f"   (best of {args.reps}: rate from the fastest rep, CPU from the cheapest)")
+    for row in [x for r in rows for x in ([r["base"]] if "base" in r else []) + [r]]:
         r, c = row["best_rate"], row["best_cpu"]
         print(f"{row['mode']:8} {r['conns_per_s']:9.0f} {r['p50_us']:8.0f} {r['p99_us']:8.0f} "
-              f"{c['proxy_us_per_conn']:14.0f}")
+              f"{c['proxy_us_per_conn']:14.0f} {c['proxy_user_us_per_conn']:6.0f} {c['proxy_sys_us_per_conn']:6.0f}")
     return 0
 
 

@@ -59,8 +59,13 @@ async def proxied(relay, streams: int, size: int) -> tuple[float, float]:
     src = run_source(lst.getsockname()[1], streams, size)
     cpu0 = cpu_seconds()
 
+    accepting = asyncio.Lock()
+
     async def one() -> None:
-        client, _ = await loop.sock_accept(lst)
+        # One accept at a time: concurrent sock_accept calls on one listener replace each other's
+        # reader, so all but one wait forever (this was the "8 streams stall").
+        async with accepting:
+            client, _ = await loop.sock_accept(lst)
         client.setblocking(False)
         first = await loop.sock_recv(client, 6)
         backend = socket.socket()

@@ -28,5 +28,7 @@ def configure(fmt: str = "json", level: str = "info", stream: TextIO | None = No
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
         # Flush per line: the access log is read live by operators and by tests.
         logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stdout),
-        cache_logger_on_first_use=False,
+        # Each process configures once, at start, before its first event. Without the cache every
+        # call on a module-level logger re-binds it: measured 3 of the ~13 us an access event costs.
+        cache_logger_on_first_use=True,
     )

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import socket
 import sys
@@ -18,26 +19,32 @@ def _say(**event: object) -> None:
     sys.stdout.flush()
 
 
-def sink(conns: int, rate: float) -> None:
+def sink(conns: int, rate: float, digest: bool = False) -> None:
     srv = socket.create_server(("127.0.0.1", 0), backlog=128)
     _say(event="listening", port=srv.getsockname()[1])
     totals: list[int] = []
+    digests: list[str] = []
 
     def serve(sock: socket.socket) -> None:
         n = 0
         t0 = time.monotonic()
         buf = bytearray(1 << 20)
+        h = hashlib.sha256() if digest else None
         while True:
             got = sock.recv_into(buf, 65536 if rate else len(buf))
             if not got:
                 break
             n += got
+            if h is not None:
+                h.update(memoryview(buf)[:got])
             if rate:
                 ahead = n / rate - (time.monotonic() - t0)
                 if ahead > 0:
                     time.sleep(ahead)
         sock.close()
         totals.append(n)
+        if h is not None:
+            digests.append(h.hexdigest())
 
     threads = []
     for _ in range(conns):
@@ -47,7 +54,12 @@ def sink(conns: int, rate: float) -> None:
         threads.append(th)
     for th in threads:
         th.join()
-    _say(event="done", bytes=sum(totals))
+    _say(event="done", bytes=sum(totals), per_conn=totals, sha256=digests)
+
+
+def stream_bytes(size: int) -> bytes:
+    """What one source connection sends after its hello (for checksums)."""
+    return (_CHUNK * (size // len(_CHUNK) + 1))[:size]
 
 
 def source(port: int, conns: int, size: int) -> None:
@@ -57,7 +69,8 @@ def source(port: int, conns: int, size: int) -> None:
         left = size
         view = memoryview(_CHUNK)
         while left:
-            left -= sock.send(view[: min(len(view), left)])
+            off = (size - left) % len(view)  # a continuous stream, whatever send() took
+            left -= sock.send(view[off: off + min(len(view) - off, left)])
         sock.shutdown(socket.SHUT_WR)
         while sock.recv(65536):
             pass
@@ -80,13 +93,14 @@ def main() -> None:
     s = sub.add_parser("sink")
     s.add_argument("--conns", type=int, default=1)
     s.add_argument("--rate", type=float, default=0.0, help="bytes/s per connection (0: as fast as possible)")
+    s.add_argument("--sha256", action="store_true", help="also report each connection's sha256")
     c = sub.add_parser("source")
     c.add_argument("--port", type=int, required=True)
     c.add_argument("--conns", type=int, default=1)
     c.add_argument("--bytes", type=int, required=True)
     args = ap.parse_args()
     if args.cmd == "sink":
-        sink(args.conns, args.rate)
+        sink(args.conns, args.rate, args.sha256)
     else:
         source(args.port, args.conns, args.bytes)
 

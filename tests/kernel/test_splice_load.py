@@ -157,3 +157,49 @@ async def test_50mb_connections_both_directions(relay) -> None:
                                             for i in range(4))), 120)
     cl.close()
     bl.close()
+
+
+async def test_eight_fast_streams_all_splice_and_finish(relay, dataplane: DataPlane) -> None:
+    """Regression: 8 clients that stream as fast as they can from their first byte, accepted one by
+    one as the server does. Each must be spliced (not fall back to copy after its FIN because the
+    event loop sat in another connection's pre-insertion read), finish within a bounded time, and
+    arrive byte-exact."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("endpoints", ENDPOINTS)
+    endpoints = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(endpoints)
+    streams, size = 8, 40_000_000
+    loop = asyncio.get_running_loop()
+    sink = subprocess.Popen([sys.executable, str(ENDPOINTS), "sink", "--conns", str(streams), "--sha256"],
+                            stdout=subprocess.PIPE, text=True)
+    source = None
+    cl = listener()
+    try:
+        port = json.loads(sink.stdout.readline())["port"]
+        source = subprocess.Popen([sys.executable, str(ENDPOINTS), "source", "--port", str(cl.getsockname()[1]),
+                                   "--conns", str(streams), "--bytes", str(size)], stdout=subprocess.PIPE, text=True)
+
+        async def one() -> object:
+            proxy_client, _ = await loop.sock_accept(cl)
+            proxy_client.setblocking(False)
+            first = await loop.sock_recv(proxy_client, 6)
+            proxy_backend = socket.socket()
+            proxy_backend.setblocking(False)
+            await loop.sock_connect(proxy_backend, ("127.0.0.1", port))
+            return asyncio.create_task(relay.relay(proxy_client, proxy_backend, first, 30))
+
+        tasks = [await one() for _ in range(streams)]  # sequential accepts, relays run concurrently
+        results = await asyncio.wait_for(asyncio.gather(*tasks), 60)
+        done = json.loads(await asyncio.wait_for(loop.run_in_executor(None, sink.stdout.readline), 30))
+        expected = hashlib.sha256(b"HELLO\n" + endpoints.stream_bytes(size)).hexdigest()
+        assert done["per_conn"] == [6 + size] * streams
+        assert done["sha256"] == [expected] * streams
+        assert [(r.mode, r.fallback_reason, r.outcome) for r in results] == [("splice", None, Outcome.CLOSED)] * streams
+        assert [r.bytes_up for r in results] == [6 + size] * streams
+    finally:
+        cl.close()
+        for proc in (sink, source):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
