@@ -117,15 +117,22 @@ def _drop_privileges() -> None:
                  kept=list(dropped.kept))
 
 
+def _pin_dir(args: argparse.Namespace) -> str | None:
+    """--pin-dir, else [ebpf] pin_dir of the config file; None (after saying why) if that is invalid."""
+    if args.pin_dir is not None:
+        return args.pin_dir
+    try:
+        return load_config(args.config).ebpf.pin_dir
+    except ConfigError as exc:
+        print(f"sniproxy: invalid config: {exc} (or pass --pin-dir)", file=sys.stderr)
+        return None
+
+
 def _allow(args: argparse.Namespace) -> int:
     """`sniproxy allow list | add CIDR | del CIDR` on the allow-list the running proxy pinned."""
-    pin_dir = args.pin_dir
+    pin_dir = _pin_dir(args)
     if pin_dir is None:
-        try:
-            pin_dir = load_config(args.config).ebpf.pin_dir
-        except ConfigError as exc:
-            print(f"sniproxy: invalid config: {exc} (or pass --pin-dir)", file=sys.stderr)
-            return EXIT_CONFIG
+        return EXIT_CONFIG
     from sniproxy.dataplane import DataPlaneError, PinnedAllowList
 
     not_saved = (f"live allow-list only: {args.config} is not changed, and the next restart or "
@@ -170,13 +177,9 @@ def _allow(args: argparse.Namespace) -> int:
 
 def _dns(args: argparse.Namespace) -> int:
     """`sniproxy dns [flush [NAME]]` on the dns_cache map pinned under [ebpf] pin_dir."""
-    pin_dir = args.pin_dir
+    pin_dir = _pin_dir(args)
     if pin_dir is None:
-        try:
-            pin_dir = load_config(args.config).ebpf.pin_dir
-        except ConfigError as exc:
-            print(f"sniproxy: invalid config: {exc} (or pass --pin-dir)", file=sys.stderr)
-            return EXIT_CONFIG
+        return EXIT_CONFIG
     from sniproxy.dataplane import DataPlaneError, pinned_dns_cache
     from sniproxy.dnscache import now, render
 
@@ -205,13 +208,9 @@ def _dns(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    pin_dir = args.pin_dir
+    pin_dir = _pin_dir(args)
     if pin_dir is None:
-        try:
-            pin_dir = load_config(args.config).ebpf.pin_dir
-        except ConfigError as exc:
-            print(f"sniproxy: invalid config: {exc} (or pass --pin-dir)", file=sys.stderr)
-            return EXIT_CONFIG
+        return EXIT_CONFIG
     from sniproxy import stats
 
     return stats.run(pin_dir, max(args.top, 0), args.json)
