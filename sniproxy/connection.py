@@ -56,7 +56,7 @@ class _Rejected(Exception):
         self.reason = reason
 
 
-def _peer_text(address: Any) -> str:
+def peer_text(address: Any) -> str:
     host, port = address[0], address[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -163,7 +163,7 @@ class Connection:
             raise
         except Exception as exc:  # a bug, not bad input: log it loudly but keep the server running
             outcome, reason = "internal_error", repr(exc)
-            access_log.exception("connection_error", client=_peer_text(self.client_address))
+            access_log.exception("connection_error", client=peer_text(self.client_address))
         finally:
             for sock in (self.client, backend):
                 if sock is not None:
@@ -270,11 +270,11 @@ class Connection:
                     raise OSError(err, os.strerror(err))
                 return sock
             except TimeoutError:
-                errors.append(f"{_peer_text(target)}: connect timeout")
+                errors.append(f"{peer_text(target)}: connect timeout")
             except OSError as exc:
                 # The errno says why; an address Python cannot parse (gaierror) has none.
                 why = os.strerror(exc.errno) if exc.errno else str(exc)
-                errors.append(f"{_peer_text(target)}: {why}")
+                errors.append(f"{peer_text(target)}: {why}")
             except BaseException:
                 sock.close()
                 raise
@@ -296,13 +296,13 @@ class Connection:
             return
         hello = self.hello
         event: dict[str, Any] = {
-            "client": _peer_text(self.client_address),
+            "client": peer_text(self.client_address),
             "listener": self.listener,
             "sni": hello.sni if hello else None,
             "alpn": list(hello.alpn) if hello else [],
             "route": self.route.rule if self.route else None,
             "backend_host": self.route.host if self.route else None,
-            "backend": _peer_text(self.backend_address) if self.backend_address else None,
+            "backend": peer_text(self.backend_address) if self.backend_address else None,
             "bytes_up": result.bytes_up if result else 0,
             "bytes_down": result.bytes_down if result else 0,
             "duration_ms": round((time.monotonic() - self.started) * 1000, 3),
@@ -311,7 +311,7 @@ class Connection:
             "state": self.state.value,
         }
         if self.via:
-            event["via"] = _peer_text(self.via)
+            event["via"] = peer_text(self.via)
         if reason:
             event["reason"] = reason
         if result and result.fallback_reason:

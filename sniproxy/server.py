@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from sniproxy.config import Config, ConfigError, ListenerConfig, load_config
-from sniproxy.connection import Connection, Policy, access_log
+from sniproxy.connection import Connection, Policy, access_log, peer_text
 from sniproxy.dataplane import DataPlaneError, XdpGate
 from sniproxy.relay import CopyRelay, Relay
 from sniproxy.resolver import Resolver
@@ -32,8 +32,7 @@ _STATUS_INTERVAL = 5.0
 
 
 def _listener_name(listener: ListenerConfig) -> str:
-    host = listener.bind.host
-    return f"[{host}]:{listener.bind.port}" if ":" in host else f"{host}:{listener.bind.port}"
+    return str(listener.bind)  # "127.0.0.1:8443" / "[::1]:8443", as Address prints itself
 
 
 def bind_listener(listener: ListenerConfig, backlog: int = 4096) -> socket.socket:
@@ -361,7 +360,7 @@ class Server:
             self.rejected_over_limit += 1
             client.close()
             if policy.access_log:
-                access_log.info("access", client=f"[{ip}]:{address[1]}" if ":" in ip else f"{ip}:{address[1]}",
+                access_log.info("access", client=peer_text(address),
                                 listener=entry.name, outcome=outcome, state="accepted",
                                 bytes_up=0, bytes_down=0, duration_ms=0.0)
             return
