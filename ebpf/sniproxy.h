@@ -66,9 +66,10 @@ struct conn_stats {
  * so a redirected byte can never overtake one that userspace still has to copy. */
 struct conn_ctl {
 	__u64 release_at;
-	/* Of the peer's conn_stats.queued: bytes userspace proved already sent although sk_msg never
-	 * took them off (measured: after a userspace send hit EAGAIN inside tcp_bpf the psock reuses its
-	 * cached verdict and sk_msg does not run for the next send). The queue depth is queued - this. */
+	/* Of the peer's conn_stats.queued: what that count still showed when userspace released this
+	 * direction, having proved from TCP_INFO that every redirected byte was in the peer's send queue
+	 * (sk_msg misses sends: measured, after a userspace send hit EAGAIN inside tcp_bpf the psock
+	 * reuses its cached verdict and sk_msg does not run for the next send). Queue depth = queued - this. */
 	__s64 queued_adj;
 };
 

@@ -123,7 +123,9 @@ pass:
 
 /* Runs for every byte leaving a socket in sock_map: written by userspace, or redirected here by the
  * verdict (then sent from the psock's backlog). Counts them and takes redirected ones off `queued`;
- * userspace writes only while nothing is queued, so what is queued is always the first to leave. */
+ * userspace writes only after proving the queue empty, so what is queued is always the first to leave.
+ * The count only errs high (a missed send), which holds a direction early; userspace corrects it at
+ * the next release (conn_ctl.queued_adj). */
 int redirect_msg(struct sk_msg_md *msg)
 {
 	struct traffic_stats *ts = traffic();

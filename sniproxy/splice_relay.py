@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import fcntl
 import select
 import socket
@@ -34,12 +33,18 @@ DEFAULT_RCVBUF = None  # measured: a fixed SO_RCVBUF let held bytes pile up (see
 _HANGUP = select.EPOLLRDHUP | select.EPOLLONESHOT
 
 
-def _outq(sock: socket.socket) -> int:
-    """SIOCOUTQ: bytes in the socket's send queue not yet acknowledged."""
-    try:
-        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
-    except OSError:
-        return 0
+_TCPI_BYTES_ACKED = 120  # offset of tcpi_bytes_acked (u64) in struct tcp_info
+
+
+def written_total(sock: socket.socket) -> int:
+    """Every byte ever put into the socket's send stream: acknowledged (tcpi_bytes_acked, which also
+    counts an active open's SYN, hence the baselines) plus still queued (SIOCOUTQ: unacked + unsent).
+    TCP_INFO is read first: an ACK between the two reads moves bytes from the queue to the acked count
+    after we read it, so the sum can only come out low, never high."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCPI_BYTES_ACKED + 8)
+    acked = struct.unpack_from("Q", info, _TCPI_BYTES_ACKED)[0]
+    outq = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    return acked + outq
 
 
 class _Reset(Exception):
@@ -124,9 +129,13 @@ class _Direction:
         self.stale = 0  # bytes read from src that were queued before insertion (never seen by it)
         self.forwarded = 0
         self.wake = asyncio.Event()
-        self.queued_adj = 0  # written off from dst's queued count (conn_ctl.queued_adj)
-        self.holding = True  # conn_ctl.release_at is HOLD_ALL (until the first release)
+        self.dst_base = 0  # written_total(dst) when the pair was inserted
+        self.sent = 0  # bytes we wrote to dst since then
         self.src_eof = False
+        # src's FIN is in (EPOLLRDHUP). A flag, not only a kick: a kick that lands while run() is between
+        # its wake-up and wake.clear() is lost, and the FIN adds nothing to pass_bytes that _catch_up
+        # would wait for (seen: a released direction waited for its EOF until the idle timeout).
+        self.hung_up = False
         self.seen_empty = False  # an EAGAIN since insertion: no byte from before it is left unread
         self.finished = False  # dst shut down for writing (or nothing more can flow)
 
@@ -140,6 +149,7 @@ class _Direction:
         if err or (events & select.EPOLLERR):
             self.pair.reset_by(self.name)
         else:
+            self.hung_up = True
             self.kick()
 
     def _stats(self, cookie: int) -> ConnStats:
@@ -152,7 +162,8 @@ class _Direction:
         try:
             await self._forward_held()
             while not self.src_eof:
-                await self.wake.wait()
+                if not self.hung_up:
+                    await self.wake.wait()
                 self.wake.clear()
                 await self._forward_held()
             await self._wait_drained()
@@ -165,23 +176,18 @@ class _Direction:
         self.pair.direction_finished()
 
     async def _wait_drained(self) -> None:
-        """Until every byte redirected toward dst has gone through dst's sk_msg (into its send queue).
-        sk_msg can miss bytes (see conn_ctl.queued_adj): when the count stands still while dst's send
-        queue is empty and writable for several jiffies, the psock backlog is empty (it would have been
-        pushed), and the rest of the count is written off."""
+        """Until every byte the verdict redirected toward dst is in dst's send stream, so that what we
+        write next follows it. Exact: dst's stream grew by what we wrote plus what the psock backlog
+        wrote, and the backlog writes exactly the bytes the verdict redirected (src's redir_bytes).
+        sk_msg's `queued` is not used here: it misses bytes (see conn_ctl.queued_adj)."""
         delay = 0.0005
-        still, last = 0, None
-        while (queued := self._stats(self.dst_cookie).queued - self.queued_adj) > 0:
-            if queued == last and _outq(self.dst) == 0:
-                still += 1
-                if still >= 5:
-                    self.queued_adj += queued
-                    self.pair.table.hold(self.src_cookie, self.queued_adj) if self.holding else \
-                        self.pair.table.release(self.src_cookie, self.consumed, self.queued_adj)
-                    return
-            else:
-                still = 0
-            last = queued
+        while True:
+            try:
+                from_kernel = written_total(self.dst) - self.dst_base - self.sent
+            except OSError as e:
+                raise _Reset(self.pair.other(self.name)) from e
+            if from_kernel >= self._stats(self.src_cookie).redir_bytes:
+                return
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.02)
 
@@ -202,8 +208,9 @@ class _Direction:
             data = self._read()
             if data is None:  # EAGAIN
                 self.seen_empty = True  # from now on every byte arriving on src goes through the verdict
-                if self.consumed < self._stats(self.src_cookie).pass_bytes:
-                    await self._readable(0.05)  # passed bytes still on their way to the receive queue
+                if self.consumed < self._stats(self.src_cookie).pass_bytes or self.hung_up:
+                    # passed bytes (or the EOF behind them) still on their way to the receive queue
+                    await self._readable(0.05)
                     continue
             elif not data:
                 if self.consumed < self._stats(self.src_cookie).pass_bytes:
@@ -216,13 +223,16 @@ class _Direction:
                     await loop.sock_sendall(self.dst, data)
                 except OSError as e:
                     raise _Reset(self.pair.other(self.name)) from e
+                self.sent += len(data)
                 self.forwarded += len(data)
                 self.pair.touch()
                 if not self.seen_empty or self.consumed != self._stats(self.src_cookie).pass_bytes:
                     continue
-            # Every byte the verdict left here is in dst's send queue: redirect again.
-            self.pair.table.release(self.src_cookie, self.consumed, self.queued_adj)
-            self.holding = False
+            # Every byte the verdict left here is in dst's send queue: redirect again. Nothing was
+            # redirected toward dst since the drain and sk_msg has seen every send before it, so the
+            # queue toward dst is empty now: whatever sk_msg's count still says, it missed.
+            queued_adj = self._stats(self.dst_cookie).queued
+            self.pair.table.release(self.src_cookie, self.consumed, queued_adj)
             if self._stats(self.src_cookie).pass_bytes == self.consumed:
                 return
             # A byte was left to us between the check and the release: the verdict still holds, and
@@ -396,6 +406,16 @@ class SpliceRelay:
             backend.close()
             return RelayResult(self.mode, 0, 0, Outcome.CLIENT_RESET)
         pair = _Pair(self, loop, client, backend, spliced)
+        try:
+            # Nothing was ever written to either socket (the hello is still in hand), so these are
+            # stable: no ACK can move bytes between the two reads of written_total.
+            pair.up.dst_base = written_total(backend)
+            pair.down.dst_base = written_total(client)
+        except OSError:
+            self.table.remove(spliced)
+            client.close()
+            backend.close()
+            return RelayResult(self.mode, 0, 0, Outcome.CLIENT_RESET)
         watcher = self._watcher_for(loop)
         stats = None
         try:
@@ -408,6 +428,7 @@ class SpliceRelay:
                 if first:
                     try:
                         await loop.sock_sendall(backend, first)
+                        pair.up.sent += len(first)
                     except OSError:
                         pair.reset_by("backend")
                 pair.tasks.append(tg.create_task(pair.up.run()))

@@ -127,9 +127,6 @@ class SpliceTable:
         maps.update(self._fds["conn_ctl"], ct.c_uint64(cookie), maps.ConnCtl(release_at, queued_adj),
                     maps.BPF_EXIST, what="conn_ctl")
 
-    def hold(self, cookie: int, queued_adj: int = 0) -> None:
-        self.release(cookie, maps.SNIPROXY_HOLD_ALL, queued_adj)
-
     def read_events(self) -> list[maps.SpliceEvent]:
         """Hold notifications written by the verdict since the last call."""
         return self._read_events()

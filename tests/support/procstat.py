@@ -18,3 +18,14 @@ def rss_bytes(pid: int) -> int:
 
 def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def fd_targets(pid: int) -> dict[int, str]:
+    """fd -> what it is (socket:[inode], anon_inode:[eventpoll], a path), to name a leak."""
+    found = {}
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            found[int(name)] = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue  # closed between listdir and readlink
+    return found
