@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import select
 import socket
@@ -136,7 +137,6 @@ class _Direction:
         # its wake-up and wake.clear() is lost, and the FIN adds nothing to pass_bytes that _catch_up
         # would wait for (seen: a released direction waited for its EOF until the idle timeout).
         self.hung_up = False
-        self.seen_empty = False  # an EAGAIN since insertion: no byte from before it is left unread
         self.finished = False  # dst shut down for writing (or nothing more can flow)
 
     def kick(self) -> None:
@@ -160,7 +160,6 @@ class _Direction:
 
     async def run(self) -> None:
         try:
-            await self._forward_held()
             while not self.src_eof:
                 if not self.hung_up:
                     await self.wake.wait()
@@ -207,7 +206,6 @@ class _Direction:
         while True:
             data = self._read()
             if data is None:  # EAGAIN
-                self.seen_empty = True  # from now on every byte arriving on src goes through the verdict
                 if self.consumed < self._stats(self.src_cookie).pass_bytes or self.hung_up:
                     # passed bytes (or the EOF behind them) still on their way to the receive queue
                     await self._readable(0.05)
@@ -226,7 +224,7 @@ class _Direction:
                 self.sent += len(data)
                 self.forwarded += len(data)
                 self.pair.touch()
-                if not self.seen_empty or self.consumed != self._stats(self.src_cookie).pass_bytes:
+                if self.consumed != self._stats(self.src_cookie).pass_bytes:
                     continue
             # Every byte the verdict left here is in dst's send queue: redirect again. Nothing was
             # redirected toward dst since the drain and sk_msg has seen every send before it, so the
@@ -398,24 +396,36 @@ class SpliceRelay:
             first = first + self._read_waiting(client)
             self._prepare(client)
             self._prepare(backend)
-            spliced = self.table.add_pair(client, backend)
-        except SpliceError as e:
-            return await self.fallback.relay(client, backend, first, idle_timeout, fallback_reason=str(e))
+            # Nothing was ever written to either socket yet, so these are stable: no ACK can move
+            # bytes between the two reads of written_total.
+            backend_base, client_base = written_total(backend), written_total(client)
         except OSError:
             client.close()
             backend.close()
             return RelayResult(self.mode, 0, 0, Outcome.CLIENT_RESET)
-        pair = _Pair(self, loop, client, backend, spliced)
+        # `first` is in the backend's send queue before the sockets are inserted, so both directions
+        # start released: whatever the client sends next, redirected or not, can only follow it. (A
+        # client that streams from its first byte never gives the proxy an empty receive queue to
+        # wait for; holding it until then meant copying it all in userspace.)
+        if first:
+            try:
+                await loop.sock_sendall(backend, first)
+            except OSError:
+                client.close()
+                backend.close()
+                return RelayResult(self.mode, len(first), 0, Outcome.BACKEND_RESET)
         try:
-            # Nothing was ever written to either socket (the hello is still in hand), so these are
-            # stable: no ACK can move bytes between the two reads of written_total.
-            pair.up.dst_base = written_total(backend)
-            pair.down.dst_base = written_total(client)
+            spliced = self.table.add_pair(client, backend, release_at=0)
+        except SpliceError as e:
+            result = await self.fallback.relay(client, backend, b"", idle_timeout, fallback_reason=str(e))
+            return dataclasses.replace(result, bytes_up=result.bytes_up + len(first))
         except OSError:
-            self.table.remove(spliced)
             client.close()
             backend.close()
-            return RelayResult(self.mode, 0, 0, Outcome.CLIENT_RESET)
+            return RelayResult(self.mode, len(first), 0, Outcome.CLIENT_RESET)
+        pair = _Pair(self, loop, client, backend, spliced)
+        pair.up.dst_base, pair.up.sent = backend_base, len(first)
+        pair.down.dst_base = client_base
         watcher = self._watcher_for(loop)
         stats = None
         try:
@@ -423,14 +433,6 @@ class SpliceRelay:
             watcher.add(pair.down)
             async with asyncio.TaskGroup() as tg:
                 pair.tasks.append(tg.create_task(pair.down.run()))
-                # `first` goes out before anything the client sent after it: the client's direction
-                # stays held until it is in the backend's send queue.
-                if first:
-                    try:
-                        await loop.sock_sendall(backend, first)
-                        pair.up.sent += len(first)
-                    except OSError:
-                        pair.reset_by("backend")
                 pair.tasks.append(tg.create_task(pair.up.run()))
                 pair.tasks.append(tg.create_task(pair.watch_idle(idle_timeout)))
                 await pair.done.wait()

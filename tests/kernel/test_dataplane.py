@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,55 @@ def test_socket_after_fin_is_refused_with_a_typed_error(dataplane: DataPlane) ->
     assert dataplane.splice_table.entries() == {"sock_map": 0, "conn_map": 0, "conn_stats": 0, "conn_ctl": 0}
     for s in (a, b, srv):
         s.close()
+
+
+def _connected() -> tuple[socket.socket, socket.socket]:
+    srv = socket.create_server(("127.0.0.1", 0))
+    a = socket.create_connection(srv.getsockname())
+    b, _ = srv.accept()
+    srv.close()
+    return a, b
+
+
+def test_socket_whose_peer_cannot_follow_keeps_every_byte(dataplane: DataPlane) -> None:
+    """a goes into sock_map, b is refused (its peer half-closed): a stays mapped, and what a received
+    meanwhile and after is read from it whole and in order (taking it out would purge the psock)."""
+    table = dataplane.splice_table
+    client, a = _connected()
+    backend_peer, b = _connected()
+    backend_peer.shutdown(socket.SHUT_WR)
+    b.recv(1)  # CLOSE_WAIT: sock_map refuses it
+    client.sendall(b"before-")
+    with pytest.raises(SpliceUnavailable):
+        table.add_pair(a, b)
+    assert table.entries() == {"sock_map": 1, "conn_map": 0, "conn_stats": 0, "conn_ctl": 0}
+    client.sendall(b"after")
+    client.shutdown(socket.SHUT_WR)
+    a.settimeout(5)
+    got = b""
+    while chunk := a.recv(100):
+        got += chunk
+    assert got == b"before-after"
+    a.close()  # closing it is what takes it out of sock_map
+    assert table.entries()["sock_map"] == 0
+    for s in (client, backend_peer, b):
+        s.close()
+
+
+def test_bytes_queued_before_insertion_are_redirected_without_more_data(dataplane: DataPlane) -> None:
+    """Pitfall: an inserted socket's verdict first runs when more data arrives; a client that sent its
+    request early and waits for the answer would wait forever. add_pair kicks the verdict."""
+    table = dataplane.splice_table
+    client, a = _connected()
+    b, backend = _connected()
+    client.sendall(b"GET / HTTP/1.1\r\n\r\n")
+    time.sleep(0.05)  # in a's receive queue before a is in sock_map
+    pair = table.add_pair(a, b, release_at=0)
+    try:
+        backend.settimeout(5)
+        assert backend.recv(100) == b"GET / HTTP/1.1\r\n\r\n"
+        assert table.stats(pair.a_cookie).redir_bytes == len(b"GET / HTTP/1.1\r\n\r\n")
+    finally:
+        table.remove(pair)
+        for s in (client, a, b, backend):
+            s.close()
