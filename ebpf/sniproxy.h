@@ -11,7 +11,7 @@
 #define SNIPROXY_EVENT_PAGES 16
 /* Queue limit used when splice_cfg.queue_limit is 0: redirected-but-not-yet-sent bytes toward one
  * socket above which the verdict stops redirecting and leaves bytes with the source socket. */
-#define SNIPROXY_DEFAULT_QUEUE_LIMIT (8ULL << 20)
+#define SNIPROXY_DEFAULT_QUEUE_LIMIT (24ULL << 20)
 /* conn_ctl.release_at value that keeps a direction in userspace until the proxy releases it. */
 #define SNIPROXY_HOLD_ALL 0xffffffffffffffffULL
 

@@ -140,6 +140,16 @@ class SpliceTable:
         value = maps.ConnStats()
         return value if maps.lookup(self._fds["conn_stats"], ct.c_uint64(cookie), value) else None
 
+    def queue_toward(self, cookie: int) -> int:
+        """Bytes the verdict redirected toward this socket that have not left through it yet, as the
+        verdict sees them (sk_msg's count less the peer's correction; errs high, never low)."""
+        st = self.stats(cookie)
+        if st is None:
+            return 0
+        ctl = maps.ConnCtl()
+        adj = ctl.queued_adj if maps.lookup(self._fds["conn_ctl"], ct.c_uint64(st.peer), ctl) else 0
+        return max(st.queued - adj, 0)
+
     def release(self, cookie: int, release_at: int, queued_adj: int = 0) -> None:
         """Let the verdict redirect again once conn_stats.pass_bytes == release_at (userspace has
         forwarded exactly that many of the bytes the verdict left to it). queued_adj: see conn_ctl."""
