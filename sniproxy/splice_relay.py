@@ -24,17 +24,12 @@ TCP_INQ = 36
 _SO_SNDBUFFORCE = 32
 TCP_CM_INQ = TCP_INQ
 # Bytes left in a receive queue before insertion must be read whole (a partly read skb would later be
-# run through the verdict from offset 0 again), and a held direction is peeked whole: this bounds both.
-_READ_BUFFER = 8 << 20
+# run through the verdict from offset 0 again); this bounds what one recv may need.
+_READ_BUFFER = 4 << 20
 # Send buffer given to spliced sockets (SO_SNDBUFFORCE when allowed): the psock backlog retries a
 # full send buffer only after one jiffy, so a stream moves at most ~sndbuf/2 per 4 ms.
 DEFAULT_SNDBUF = 8 << 20
-# Receive buffer of spliced sockets. A held direction is caught up from one peek while its bytes keep
-# the receive memory full (so the sender stops): what that memory can hold (the kernel doubles this)
-# must fit the peek buffer. Autotuning would grow it to tcp_rmem's max (32 MiB here), and the held
-# set with it. The price: the window stays under ~2 MiB (2 MiB / RTT per connection: 200 MB/s at
-# 10 ms; loopback is not limited by it).
-DEFAULT_RCVBUF = 2 << 20
+DEFAULT_RCVBUF = None  # measured: a fixed SO_RCVBUF let held bytes pile up (see report)
 
 _HANGUP = select.EPOLLRDHUP | select.EPOLLONESHOT
 
@@ -197,117 +192,68 @@ class _Direction:
 
     async def _forward_held(self) -> None:
         """Forward what the verdict left on src, then let it redirect again (release). src is not read
-        until the queue toward dst has drained: our writes must follow every redirected byte."""
+        until the queue toward dst has drained (our writes must follow every redirected byte), so the
+        held bytes stay in src's receive memory and its TCP window closes by itself meanwhile. The
+        release is exact: release_at == pass_bytes only when every passed byte is in dst's send queue.
+        No TCP_WINDOW_CLAMP while catching up: measured here, it does not slow a loopback sender (4 KiB
+        windows still carry 1.3 GB/s), and restoring it sends no window update, so a sender that saw a
+        zero window waited in persist backoff for tens of seconds (the 8-stream stall)."""
         await self._wait_drained()
         await self._catch_up()
 
     async def _catch_up(self) -> None:
-        """Copy the held bytes from a peek, release, and only then consume them. Unconsumed, they
-        fill src's receive memory (SO_RCVBUF, see DEFAULT_RCVBUF): its window closes and the sender
-        stops, so the held set stops growing. Consuming reopens the window after the release, so
-        what the sender sends next is redirected. (Reading as we copied reopened the window at every
-        read: a sender that never pauses kept the direction in userspace to its end; consuming
-        before the release let ~4 MB in again before it.) No TCP_WINDOW_CLAMP: restoring it sends no
-        window update, and a sender that saw a zero window waited in persist backoff for tens of
-        seconds (the 8-stream stall)."""
+        loop = self.pair.loop
         while True:
-            written = await self._forward_peeked()
-            if written is None:
+            data = self._read()
+            if data is None:  # EAGAIN
+                if self.consumed < self._stats(self.src_cookie).pass_bytes or self.hung_up:
+                    # passed bytes (or the EOF behind them) still on their way to the receive queue
+                    await self._readable(0.05)
+                    continue
+            elif not data:
+                if self.consumed < self._stats(self.src_cookie).pass_bytes:
+                    await asyncio.sleep(0.001)  # the FIN overtook bytes still in the psock backlog
+                    continue
                 self.src_eof = True
                 return
-            forwarded_to = self.consumed + written
-            if forwarded_to != self._stats(self.src_cookie).pass_bytes:
-                self._consume(written)
-                continue  # still held: nothing was redirected meanwhile, no drain to wait for
-            # Every byte the verdict left here is in dst's send queue: redirect again, and only then
-            # consume them (which reopens src's window). Nothing was redirected toward dst since the
-            # drain and sk_msg has seen every send before it, so the queue toward dst is empty now:
-            # whatever sk_msg's count still says, it missed.
+            else:
+                try:
+                    await loop.sock_sendall(self.dst, data)
+                except OSError as e:
+                    raise _Reset(self.pair.other(self.name)) from e
+                self.sent += len(data)
+                self.forwarded += len(data)
+                self.pair.touch()
+                if self.consumed != self._stats(self.src_cookie).pass_bytes:
+                    continue
+            # Every byte the verdict left here is in dst's send queue: redirect again. Nothing was
+            # redirected toward dst since the drain and sk_msg has seen every send before it, so the
+            # queue toward dst is empty now: whatever sk_msg's count still says, it missed.
             queued_adj = self._stats(self.dst_cookie).queued
-            self.pair.table.release(self.src_cookie, forwarded_to, queued_adj)
-            self._consume(written)
+            self.pair.table.release(self.src_cookie, self.consumed, queued_adj)
             if self._stats(self.src_cookie).pass_bytes == self.consumed:
                 return
             # A byte was left to us between the check and the release: the verdict still holds, and
             # may have redirected bytes in between that ours must follow.
             await self._wait_drained()
 
-    async def _forward_peeked(self) -> int | None:
-        """Write to dst the bytes waiting on src, without consuming them; return how many (all of the
-        held ones, or as many as the buffer shows), or None at EOF with nothing held."""
+    def _read(self) -> bytes | None:
         buf = self.pair.relay._buffer
-        written = 0
-        while True:
-            try:
-                n = self.src.recv_into(buf, len(buf), socket.MSG_PEEK)
-            except (BlockingIOError, InterruptedError):
-                n = -1
-            except OSError as e:
-                raise _Reset(self.name) from e
-            if n > written:
-                await self._send(memoryview(buf)[written:n])
-                self.sent += n - written
-                self.forwarded += n - written
-                self.pair.touch()
-                written = n
-                if n == len(buf):
-                    return written  # the buffer shows no more: consume these to see the rest
-                if written >= self._stats(self.src_cookie).pass_bytes - self.consumed:
-                    return written  # nothing passed since the peek: no second copy to find that out
-                continue
-            held = self._stats(self.src_cookie).pass_bytes - self.consumed
-            if written >= held and (n != 0 or written):
-                return written  # every passed byte (or stale ones read first) is in dst
-            if n == 0 and held <= 0:
-                return None  # EOF
-            if written:
-                # Passed bytes are missing from the psock's queue: the backlog queues them while
-                # src's receive memory is full, which our unconsumed bytes keep it. Consume first.
-                return written
-            # Passed bytes (or the EOF behind them) still on their way to the queue.
-            if n < 0:
-                await self._readable(0.05)
-            else:
-                await asyncio.sleep(0.001)  # the FIN overtook bytes still in the psock backlog
-
-    async def _send(self, view: memoryview) -> None:
-        """All of view to dst. Straight from the shared buffer while dst takes it at once (the queue
-        toward it has just drained, so it usually does); a copy only for what has to wait, since
-        another direction may peek into the buffer meanwhile."""
-        with view:
-            try:
-                done = self.dst.send(view)
-            except (BlockingIOError, InterruptedError):
-                done = 0
-            except OSError as e:
-                raise _Reset(self.pair.other(self.name)) from e
-            if done < len(view):
-                try:
-                    await self.pair.loop.sock_sendall(self.dst, bytes(view[done:]))
-                except OSError as e:
-                    raise _Reset(self.pair.other(self.name)) from e
-
-    def _consume(self, nbytes: int) -> None:
-        """Read and drop nbytes that _forward_peeked already wrote to dst."""
-        buf = self.pair.relay._buffer
-        while nbytes > 0:
-            try:
-                n, ancdata, _flags, _addr = self.src.recvmsg_into([memoryview(buf)[:nbytes]],
-                                                                  socket.CMSG_SPACE(4))
-            except OSError as e:
-                raise _Reset(self.name) from e
-            if n == 0:
-                raise _Reset(self.name)  # peeked bytes vanished: never forward past a gap
-            self._count(n, ancdata)
-            nbytes -= n
-
-    def _count(self, n: int, ancdata: list[tuple[int, int, bytes]]) -> None:
+        try:
+            n, ancdata, _flags, _addr = self.src.recvmsg_into([buf], socket.CMSG_SPACE(4))
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as e:
+            raise _Reset(self.name) from e
+        if n == 0:
+            return b""
         # A TCP_CM_INQ control message means tcp_recvmsg read the socket's own queue: bytes that were
         # there before insertion. Bytes the verdict passed come through the psock without one.
         if any(level == socket.IPPROTO_TCP and kind == TCP_CM_INQ for level, kind, _ in ancdata):
             self.stale += n
         else:
             self.consumed += n
+        return bytes(buf[:n])
 
     async def _readable(self, timeout: float) -> None:
         loop = self.pair.loop
