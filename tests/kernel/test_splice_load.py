@@ -34,6 +34,19 @@ def tcp_mem_bytes() -> int:
     raise AssertionError("no TCP line in /proc/net/sockstat")
 
 
+async def _accept_hello_connect(cl: socket.socket, port: int) -> tuple[socket.socket, bytes, socket.socket]:
+    """What the server does before relaying: accept a client, read its 6-byte HELLO, connect the
+    backend on 127.0.0.1:port. Returns (client side, hello, backend side), both non-blocking."""
+    loop = asyncio.get_running_loop()
+    proxy_client, _ = await loop.sock_accept(cl)
+    proxy_client.setblocking(False)
+    first = await loop.sock_recv(proxy_client, 6)
+    proxy_backend = socket.socket()
+    proxy_backend.setblocking(False)
+    await loop.sock_connect(proxy_backend, ("127.0.0.1", port))
+    return proxy_client, first, proxy_backend
+
+
 def _proxy_cpu_seconds() -> float:
     with open("/proc/self/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -137,12 +150,7 @@ async def test_proxy_cpu_is_small_while_kernel_splices(relay, dataplane: DataPla
         cl = listener()
         source = subprocess.Popen([sys.executable, str(ENDPOINTS), "source", "--port", str(cl.getsockname()[1]),
                                    "--bytes", str(size)], stdout=subprocess.PIPE, text=True)
-        proxy_client, _ = await loop.sock_accept(cl)
-        proxy_client.setblocking(False)
-        first = await loop.sock_recv(proxy_client, 6)
-        proxy_backend = socket.socket()
-        proxy_backend.setblocking(False)
-        await loop.sock_connect(proxy_backend, ("127.0.0.1", port))
+        proxy_client, first, proxy_backend = await _accept_hello_connect(cl, port)
         cpu0, t0 = _proxy_cpu_seconds(), time.monotonic()
         result = await asyncio.wait_for(relay.relay(proxy_client, proxy_backend, first, 30), 60)
         cpu, wall = _proxy_cpu_seconds() - cpu0, time.monotonic() - t0
@@ -192,12 +200,7 @@ async def test_eight_fast_streams_all_splice_and_finish(relay, dataplane: DataPl
                                    "--conns", str(streams), "--bytes", str(size)], stdout=subprocess.PIPE, text=True)
 
         async def one() -> object:
-            proxy_client, _ = await loop.sock_accept(cl)
-            proxy_client.setblocking(False)
-            first = await loop.sock_recv(proxy_client, 6)
-            proxy_backend = socket.socket()
-            proxy_backend.setblocking(False)
-            await loop.sock_connect(proxy_backend, ("127.0.0.1", port))
+            proxy_client, first, proxy_backend = await _accept_hello_connect(cl, port)
             return asyncio.create_task(relay.relay(proxy_client, proxy_backend, first, 30))
 
         tasks = [await one() for _ in range(streams)]  # sequential accepts, relays run concurrently
