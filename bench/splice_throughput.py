@@ -31,6 +31,13 @@ def cpu_seconds() -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def machine_busy_seconds() -> float:
+    """CPU time of the whole machine (all CPUs, everything but idle and iowait), from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def start_sink(streams: int) -> tuple[subprocess.Popen[str], int]:
     sink = subprocess.Popen([sys.executable, str(ENDPOINTS), "sink", "--conns", str(streams)],
                             stdout=subprocess.PIPE, text=True)
@@ -81,39 +88,72 @@ async def proxied(relay, streams: int, size: int) -> tuple[float, float]:
     return streams * size / json.loads(out)["seconds"], cpu / (streams * size / 1e9)
 
 
+MODES = ("direct", "splice", "copy", "ceiling", "ceiling-nomsg")
+MODE_HELP = """direct: no proxy. splice: SpliceRelay as shipped (queue limit, holds, userspace catch-up).
+copy: CopyRelay. ceiling: SpliceRelay with a queue limit no stream reaches, so the verdict never
+holds and this process never touches payload: the best the kernel path can do (kernel memory is
+then unbounded: not shippable). ceiling-nomsg: the same without the sk_msg program, whose
+tcp_bpf_sendmsg copies every redirected byte once more (perf: sk_msg_memcopy_from_iter)."""
+UNBOUNDED = 1 << 60
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=MODE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--mb-per-stream", type=int, default=300)
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {', '.join(MODES)}")
     args = ap.parse_args()
-    pin_dir = f"/sys/fs/bpf/sniproxy-bench-{os.getpid()}"
-    plane = DataPlane.load(pin_dir)
+    modes = [m for m in MODES if m in args.modes.split(",")]
+    if "direct" not in modes:
+        modes.insert(0, "direct")  # the ratios need it
+    planes: dict[str, DataPlane] = {}
     try:
-        results: dict[tuple[str, int], list[tuple[float, float]]] = {}
+        for mode, kwargs in (("splice", {}), ("ceiling", {"queue_limit": UNBOUNDED}),
+                             ("ceiling-nomsg", {"queue_limit": UNBOUNDED, "msg_program": False})):
+            if mode in modes:
+                planes[mode] = DataPlane.load(f"/sys/fs/bpf/sniproxy-bench-{os.getpid()}-{mode}", **kwargs)
+
+        def run(mode: str, streams: int, size: int) -> tuple[float, float]:
+            if mode == "direct":
+                return direct(streams, size)
+            relay = CopyRelay() if mode == "copy" else SpliceRelay(planes[mode].splice_table, CopyRelay())
+            return uvloop.run(asyncio.wait_for(proxied(relay, streams, size), 120))
+
+        results: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
         for streams in (1, 8):
             size = args.mb_per_stream * 1_000_000 // (1 if streams == 1 else 4)
             for _ in range(args.reps):
-                runs = (("direct", lambda: direct(streams, size)),
-                        ("splice", lambda: uvloop.run(asyncio.wait_for(
-                            proxied(SpliceRelay(plane.splice_table, CopyRelay()), streams, size), 120))),
-                        ("copy", lambda: uvloop.run(asyncio.wait_for(proxied(CopyRelay(), streams, size), 120))))
-                for mode, run in runs:
-                    rate, cpu = run()
-                    print(f"  {mode:6} {streams} streams: {rate / 1e6:7.0f} MB/s, proxy CPU {cpu:.2f} s/GB", flush=True)
-                    results.setdefault((mode, streams), []).append((rate, cpu))
-        print(f"{'mode':8} {'streams':>7} {'MB/s':>9} {'x direct':>9} {'CPU s/GB':>9}")
+                for mode in modes:  # interleaved, so a noisy minute does not hit one mode only
+                    busy0 = machine_busy_seconds()
+                    rate, cpu = run(mode, streams, size)
+                    machine = (machine_busy_seconds() - busy0) / (streams * size / 1e9)
+                    print(f"  {mode:13} {streams} streams: {rate / 1e6:7.0f} MB/s, proxy CPU {cpu:.2f} s/GB, "
+                          f"machine CPU {machine:.2f} s/GB", flush=True)
+                    results.setdefault((mode, streams), []).append((rate, cpu, machine))
+        print(f"medians of {args.reps}; spread = (max - min) / median of the throughput")
+        print(f"{'mode':13} {'streams':>7} {'MB/s':>7} {'spread':>7} {'x direct':>9} {'x copy':>7} "
+              f"{'proxy CPU s/GB':>15} {'machine CPU s/GB':>17} {'x copy':>7}")
         for streams in (1, 8):
-            base = statistics.median(r[0] for r in results[("direct", streams)])
-            for mode in ("direct", "splice", "copy"):
-                rate = statistics.median(r[0] for r in results[(mode, streams)])
-                cpu = statistics.median(r[1] for r in results[(mode, streams)])
-                print(f"{mode:8} {streams:7d} {rate / 1e6:9.0f} {rate / base:9.2f} {cpu:9.2f}")
-            s = statistics.median(r[0] for r in results[("splice", streams)])
-            c = statistics.median(r[0] for r in results[("copy", streams)])
-            print(f"  splice/copy at {streams} streams: {s / c:.2f}x")
-        print(f"traffic_stats: {plane.traffic().as_dict()}")
+            def median(mode: str, i: int, n: int = streams) -> float:
+                return statistics.median(r[i] for r in results[(mode, n)])
+            for mode in modes:
+                rates = [r[0] for r in results[(mode, streams)]]
+                rate = median(mode, 0)
+                vs_copy = vs_copy_cpu = "-"
+                if "copy" in modes:
+                    vs_copy = f"{rate / median('copy', 0):.2f}"
+                    vs_copy_cpu = f"{median(mode, 2) / median('copy', 2):.2f}"
+                print(f"{mode:13} {streams:7d} {rate / 1e6:7.0f} {(max(rates) - min(rates)) / rate:7.0%} "
+                      f"{rate / median('direct', 0):9.2f} {vs_copy:>7} {median(mode, 1):15.2f} "
+                      f"{median(mode, 2):17.2f} {vs_copy_cpu:>7}")
+        for mode, plane in planes.items():
+            t = plane.traffic()
+            total = t.redir_bytes + t.pass_bytes
+            print(f"{mode}: {t.redir_bytes / max(total, 1):.0%} of the proxied bytes redirected by the kernel; "
+                  f"traffic_stats {t.as_dict()}")
     finally:
-        plane.close()
+        for plane in planes.values():
+            plane.close()
 
 
 if __name__ == "__main__":

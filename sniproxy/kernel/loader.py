@@ -106,9 +106,12 @@ class DataPlane:
 
     @classmethod
     def load(cls, pin_dir: str = DEFAULT_PIN_DIR, *, queue_limit: int | None = None,
-             source: Path = SPLICE_SRC) -> DataPlane:
+             source: Path = SPLICE_SRC, msg_program: bool = True) -> DataPlane:
         """Compile splice.c, attach both programs to sock_map, pin the maps under pin_dir (replacing
-        stale pins of an earlier run). Raises KernelError with the compiler's/kernel's message."""
+        stale pins of an earlier run). Raises KernelError with the compiler's/kernel's message.
+        msg_program=False leaves redirect_msg detached: only for bench/splice_throughput.py, which
+        measures what it costs (without it nothing counts the queue toward a socket down, so the
+        verdict holds for good once the queue limit is reached)."""
         try:
             from bcc import BPF, BPFAttachType
         except ImportError as e:  # pragma: no cover - probe() reports this first
@@ -146,6 +149,8 @@ class DataPlane:
             sock_map = plane.fds["sock_map"]
             for fn, kind in ((verdict, BPFAttachType.SK_SKB_STREAM_VERDICT),
                              (msg, BPFAttachType.SK_MSG_VERDICT)):
+                if fn is msg and not msg_program:
+                    continue
                 res = plane._lib().bpf_prog_attach(fn.fd, sock_map, kind, 0)
                 if res < 0:
                     err = ct.get_errno() if res == -1 else -res
