@@ -7,8 +7,12 @@
 
 /* Sockets in sock_map (two per spliced connection). */
 #define SNIPROXY_MAX_SOCKETS 65536
-/* Pages in the splice_events ring buffer. */
+/* Pages in each splice_eventsN ring buffer. */
 #define SNIPROXY_EVENT_PAGES 16
+/* Worker processes that can splice: one splice_eventsN ring each (N = conn_ctl.worker), since a ring
+ * has a single consumer and a hold must wake the process that owns the connection. splice.c spells
+ * the rings out (BCC allows no map call inside a macro): keep the two in step. */
+#define SNIPROXY_MAX_WORKERS 16
 /* Queue limit used when splice_cfg.queue_limit is 0: redirected-but-not-yet-sent bytes toward one
  * socket above which the verdict stops redirecting and leaves bytes with the source socket. */
 #define SNIPROXY_DEFAULT_QUEUE_LIMIT (24ULL << 20)
@@ -71,6 +75,8 @@ struct conn_ctl {
 	 * (sk_msg misses sends: measured, after a userspace send hit EAGAIN inside tcp_bpf the psock
 	 * reuses its cached verdict and sk_msg does not run for the next send). Queue depth = queued - this. */
 	__s64 queued_adj;
+	__u32 worker;        /* the process that owns the connection: its ring gets the hold events */
+	__u32 pad;
 };
 
 /* Knobs (splice_cfg, one slot), set by userspace. */

@@ -14,7 +14,23 @@ BPF_HASH(conn_stats, u64, struct conn_stats, SNIPROXY_MAX_SOCKETS);
 BPF_F_TABLE("hash", u64, struct conn_ctl, conn_ctl, SNIPROXY_MAX_SOCKETS, BPF_F_NO_PREALLOC);
 BPF_ARRAY(splice_cfg, struct splice_cfg, 1);
 BPF_SK_STORAGE(sk_cookie, struct sock_tag);
-BPF_RINGBUF_OUTPUT(splice_events, SNIPROXY_EVENT_PAGES);
+/* One ring per worker process (SNIPROXY_MAX_WORKERS of them, written out: see sniproxy.h). */
+BPF_RINGBUF_OUTPUT(splice_events0, SNIPROXY_EVENT_PAGES);
+BPF_RINGBUF_OUTPUT(splice_events1, SNIPROXY_EVENT_PAGES);
+BPF_RINGBUF_OUTPUT(splice_events2, SNIPROXY_EVENT_PAGES);
+BPF_RINGBUF_OUTPUT(splice_events3, SNIPROXY_EVENT_PAGES);
+BPF_RINGBUF_OUTPUT(splice_events4, SNIPROXY_EVENT_PAGES);
+BPF_RINGBUF_OUTPUT(splice_events5, SNIPROXY_EVENT_PAGES);
+BPF_RINGBUF_OUTPUT(splice_events6, SNIPROXY_EVENT_PAGES);
+BPF_RINGBUF_OUTPUT(splice_events7, SNIPROXY_EVENT_PAGES);
+BPF_RINGBUF_OUTPUT(splice_events8, SNIPROXY_EVENT_PAGES);
+BPF_RINGBUF_OUTPUT(splice_events9, SNIPROXY_EVENT_PAGES);
+BPF_RINGBUF_OUTPUT(splice_events10, SNIPROXY_EVENT_PAGES);
+BPF_RINGBUF_OUTPUT(splice_events11, SNIPROXY_EVENT_PAGES);
+BPF_RINGBUF_OUTPUT(splice_events12, SNIPROXY_EVENT_PAGES);
+BPF_RINGBUF_OUTPUT(splice_events13, SNIPROXY_EVENT_PAGES);
+BPF_RINGBUF_OUTPUT(splice_events14, SNIPROXY_EVENT_PAGES);
+BPF_RINGBUF_OUTPUT(splice_events15, SNIPROXY_EVENT_PAGES);
 
 #define ADD(field, v) __sync_fetch_and_add(&(field), (v))
 
@@ -31,6 +47,30 @@ static __always_inline u64 queue_limit(void)
 	if (cfg && cfg->queue_limit)
 		return cfg->queue_limit;
 	return SNIPROXY_DEFAULT_QUEUE_LIMIT;
+}
+
+/* Wake the worker that owns the connection: 0 when written, < 0 when its ring is full (or unknown). */
+static __always_inline int announce(u32 worker, struct splice_event *ev)
+{
+	switch (worker) {
+	case 0: return splice_events0.ringbuf_output(ev, sizeof(*ev), BPF_RB_FORCE_WAKEUP);
+	case 1: return splice_events1.ringbuf_output(ev, sizeof(*ev), BPF_RB_FORCE_WAKEUP);
+	case 2: return splice_events2.ringbuf_output(ev, sizeof(*ev), BPF_RB_FORCE_WAKEUP);
+	case 3: return splice_events3.ringbuf_output(ev, sizeof(*ev), BPF_RB_FORCE_WAKEUP);
+	case 4: return splice_events4.ringbuf_output(ev, sizeof(*ev), BPF_RB_FORCE_WAKEUP);
+	case 5: return splice_events5.ringbuf_output(ev, sizeof(*ev), BPF_RB_FORCE_WAKEUP);
+	case 6: return splice_events6.ringbuf_output(ev, sizeof(*ev), BPF_RB_FORCE_WAKEUP);
+	case 7: return splice_events7.ringbuf_output(ev, sizeof(*ev), BPF_RB_FORCE_WAKEUP);
+	case 8: return splice_events8.ringbuf_output(ev, sizeof(*ev), BPF_RB_FORCE_WAKEUP);
+	case 9: return splice_events9.ringbuf_output(ev, sizeof(*ev), BPF_RB_FORCE_WAKEUP);
+	case 10: return splice_events10.ringbuf_output(ev, sizeof(*ev), BPF_RB_FORCE_WAKEUP);
+	case 11: return splice_events11.ringbuf_output(ev, sizeof(*ev), BPF_RB_FORCE_WAKEUP);
+	case 12: return splice_events12.ringbuf_output(ev, sizeof(*ev), BPF_RB_FORCE_WAKEUP);
+	case 13: return splice_events13.ringbuf_output(ev, sizeof(*ev), BPF_RB_FORCE_WAKEUP);
+	case 14: return splice_events14.ringbuf_output(ev, sizeof(*ev), BPF_RB_FORCE_WAKEUP);
+	case 15: return splice_events15.ringbuf_output(ev, sizeof(*ev), BPF_RB_FORCE_WAKEUP);
+	}
+	return -1;
 }
 
 int splice_verdict(struct __sk_buff *skb)
@@ -113,7 +153,7 @@ pass:
 		ev.pass_bytes = passed;
 		ev.reason = reason;
 		ev.len = len;
-		if (splice_events.ringbuf_output(&ev, sizeof(ev), BPF_RB_FORCE_WAKEUP) == 0)
+		if (announce(ctl->worker, &ev) == 0)
 			ADD(ts->events, 1);
 		else
 			ADD(ts->events_lost, 1);

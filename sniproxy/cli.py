@@ -5,12 +5,20 @@ import argparse
 import asyncio
 import ipaddress
 import sys
+from typing import TYPE_CHECKING
 
 import structlog
 
 from sniproxy import __version__
 from sniproxy import log as logconf
-from sniproxy.config import ConfigError, load_config
+from sniproxy.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    import socket
+
+    from sniproxy.dataplane import XdpGate
+    from sniproxy.dnscache import DnsCache
+    from sniproxy.relay import Relay
 
 DEFAULT_CONFIG = "config.toml"
 EXIT_CONFIG = 2
@@ -71,6 +79,13 @@ def _run(path: str, log_format: str | None) -> int:
         print(f"sniproxy: invalid config: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     logconf.configure(log_format or config.log.format, config.log.level)
+    from sniproxy.workers import worker_count
+
+    workers = worker_count(config.server.workers)
+    return _run_one(config) if workers == 1 else _run_workers(config, workers)
+
+
+def _run_one(config: Config) -> int:
     import uvloop
 
     from sniproxy.dataplane import DataPlaneError, open_dns_cache, open_relay, open_xdp
@@ -97,6 +112,61 @@ def _run(path: str, log_format: str | None) -> int:
     except (OSError, DataPlaneError) as exc:  # e.g. the address is taken: one line, not a traceback
         structlog.get_logger("sniproxy").error("start_failed", error=str(exc))
         return 1
+    return 0
+
+
+def _run_workers(config: Config, workers: int) -> int:
+    """The supervisor: BPF objects, XDP, the DNS cache map and every worker's listening sockets are
+    set up here once, privileges dropped, then the workers are forked (they inherit all of it)."""
+    from sniproxy.dataplane import DataPlaneError, open_dns_cache, open_relay, open_xdp
+    from sniproxy.server import bind_worker_listeners
+    from sniproxy.systemd import Notifier
+    from sniproxy.workers import Supervisor
+
+    try:
+        with open_relay(config.ebpf) as relay:
+            ports = [listener.bind.port for listener in config.listeners]
+            with open_xdp(config.xdp, config.ebpf.pin_dir, ports) as xdp, \
+                    open_dns_cache(config.ebpf, config.resolver) as dns_cache:
+                sockets = bind_worker_listeners(config.listeners, workers)
+                try:
+                    _drop_privileges()
+
+                    def serve(index: int, channel: int) -> int:
+                        # Worker 0 alone applies xdp.allow on reload: one writer for the shared list.
+                        return _serve_worker(config, relay, xdp if index == 0 else None, dns_cache,
+                                             sockets[index], index, workers, channel)
+
+                    return Supervisor(workers, sockets, serve, Notifier.from_environ(),
+                                      config.limits.shutdown_grace).run()
+                finally:
+                    for socks in sockets:
+                        for sock in socks:
+                            sock.close()
+    except (OSError, DataPlaneError) as exc:
+        structlog.get_logger("sniproxy").error("start_failed", error=str(exc))
+        return 1
+
+
+def _serve_worker(config: Config, relay: Relay, xdp: XdpGate | None, dns_cache: DnsCache,
+                  sockets: list[socket.socket], index: int, workers: int, channel: int) -> int:
+    """One worker's life, in the forked child: its own event loop, resolver and connections."""
+    import uvloop
+
+    from sniproxy.resolver import Resolver
+    from sniproxy.server import Server
+    from sniproxy.workers import ChannelNotifier
+
+    relay.use_worker(index)
+
+    async def main() -> None:
+        resolver = Resolver(config.resolver, dns_cache)
+        server = Server(config, relay=relay, xdp=xdp, resolver=resolver, notifier=ChannelNotifier(channel),
+                        workers=workers)
+        server.adopt(list(sockets))
+        await server.serve()
+
+    uvloop.run(main())
     return 0
 
 

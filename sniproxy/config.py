@@ -127,6 +127,13 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class ServerConfig:
+    # Processes serving the listeners (SO_REUSEPORT, one listening socket each): an int, or "auto"
+    # for one per CPU this process may run on. 1 runs everything in one process, no fork.
+    workers: int | str = 1
+
+
+@dataclass(frozen=True)
 class EbpfConfig:
     splice: bool = True
     pin_dir: str = "/sys/fs/bpf/sniproxy"
@@ -147,6 +154,7 @@ class Config:
     resolver: ResolverConfig = field(default_factory=ResolverConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
     ebpf: EbpfConfig = field(default_factory=EbpfConfig)
     xdp: XdpConfig = field(default_factory=XdpConfig)
     source: str = "<string>"
@@ -481,7 +489,7 @@ def _address(value: object, key_path: str, *, default_port: int | None = None) -
         raise ConfigError(key_path, str(e)) from None
 
 
-_TOP_KEYS = ("listener", "table", "resolver", "limits", "log", "ebpf", "xdp")
+_TOP_KEYS = ("listener", "table", "resolver", "limits", "log", "server", "ebpf", "xdp")
 _LISTENER_KEYS = ("bind", "protocol", "table", "accept_proxy_protocol", "trusted")
 _TABLE_KEYS = ("routes", "fallback", "allow_private_backends")
 _ROUTE_KEYS = ("match", "backend", "proxy_protocol")
@@ -495,6 +503,9 @@ _LIMITS_KEYS = (
     "max_connections_per_ip", "max_client_hello_size", "shutdown_grace",
 )  # fmt: skip
 _LOG_KEYS = ("format", "level", "access_log")
+_SERVER_KEYS = ("workers",)
+# One splice_events ring per worker in ebpf/splice.c (SNIPROXY_MAX_WORKERS): kept in step by a test.
+MAX_WORKERS = 16
 _EBPF_KEYS = ("splice", "pin_dir")
 _XDP_KEYS = ("enabled", "interfaces", "mode", "allow")
 XDP_MODES = ("auto", "native", "generic")
@@ -648,6 +659,17 @@ def _log(data: object) -> LogConfig:
     )
 
 
+def _server(data: object) -> ServerConfig:
+    s = _Section(data, "server")
+    s.check_keys(_SERVER_KEYS)
+    workers = s.get("workers", 1)
+    if workers == "auto":
+        return ServerConfig(workers="auto")
+    if isinstance(workers, str):
+        raise ConfigError("server.workers", f'expected an integer or "auto", got {workers!r}')
+    return ServerConfig(workers=s.integer("workers", 1, minimum=1, maximum=MAX_WORKERS))
+
+
 def _ebpf(data: object) -> EbpfConfig:
     s = _Section(data, "ebpf")
     s.check_keys(_EBPF_KEYS)
@@ -730,6 +752,7 @@ def _build(doc: dict[str, Any], source: str) -> Config:
         resolver=_resolver(top.get("resolver", {})),
         limits=_limits(top.get("limits", {})),
         log=_log(top.get("log", {})),
+        server=_server(top.get("server", {})),
         ebpf=_ebpf(top.get("ebpf", {})),
         xdp=_xdp(top.get("xdp", {})),
         source=source,

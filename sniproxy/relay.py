@@ -33,6 +33,9 @@ class RelayResult:
 class Relay(Protocol):
     mode: str
 
+    def use_worker(self, index: int) -> None:
+        """Called once in a worker process ([server] workers), after the fork, before relaying."""
+
     async def relay(
         self, client: socket.socket, backend: socket.socket, first: bytes, idle_timeout: float
     ) -> RelayResult: ...
@@ -169,6 +172,9 @@ class CopyRelay:
     """Userspace copy with backpressure and half-close; the fallback for every splice failure."""
 
     mode = "copy"
+
+    def use_worker(self, index: int) -> None:
+        pass  # nothing shared between processes
 
     async def relay(
         self,

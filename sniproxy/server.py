@@ -35,21 +35,46 @@ def _listener_name(listener: ListenerConfig) -> str:
     return str(listener.bind)  # "127.0.0.1:8443" / "[::1]:8443", as Address prints itself
 
 
-def bind_listener(listener: ListenerConfig, backlog: int = 4096) -> socket.socket:
+def bind_listener(listener: ListenerConfig, backlog: int = 4096, *, reuse_port: bool = False,
+                  port: int | None = None, listen: bool = True) -> socket.socket:
     family = socket.AF_INET6 if ":" in listener.bind.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             # "[::]" means IPv6 only; an IPv4 listener is configured separately, so both can coexist.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((listener.bind.host, listener.bind.port))
-        sock.listen(backlog)
+        sock.bind((listener.bind.host, listener.bind.port if port is None else port))
+        if listen:
+            sock.listen(backlog)
         sock.setblocking(False)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def bind_worker_listeners(listeners: tuple[ListenerConfig, ...], workers: int) -> list[list[socket.socket]]:
+    """One SO_REUSEPORT listening socket per listener for each worker (the kernel spreads new
+    connections over them); all or nothing. SO_REUSEPORT would also let this process share a port
+    with another proxy started by the same user, silently: a plain bind first proves the port free
+    (and fixes the port when the config says 0)."""
+    sets: list[list[socket.socket]] = [[] for _ in range(workers)]
+    try:
+        for listener in listeners:
+            probe = bind_listener(listener, listen=False)  # EADDRINUSE if anything listens there
+            port = probe.getsockname()[1]
+            probe.close()
+            for socks in sets:
+                socks.append(bind_listener(listener, reuse_port=True, port=port))
+    except BaseException:
+        for socks in sets:
+            for sock in socks:
+                sock.close()
+        raise
+    return sets
 
 
 def build_policies(config: Config) -> dict[str, Policy]:
@@ -82,6 +107,9 @@ class Server:
     reloads: int = 0
     notifier: Notifier = field(default_factory=Notifier.disabled)  # the CLI passes the real one
     xdp: XdpGate | None = None  # the running XDP allow-list ([xdp] enabled), replaced on reload
+    # Processes sharing the listeners ([server] workers): max_connections is split evenly between
+    # them; max_connections_per_ip holds in each (a worker cannot see the others' connections).
+    workers: int = 1
 
     def __post_init__(self) -> None:
         self._policies = build_policies(self.config)
@@ -111,6 +139,14 @@ class Server:
         except BaseException:
             self._close_listeners()
             raise
+
+    def adopt(self, sockets: list[socket.socket]) -> None:
+        """Serve on listening sockets bound elsewhere (a worker's share, one per listener, in config
+        order) instead of bind()."""
+        if len(sockets) != len(self.config.listeners):
+            raise ValueError(f"{len(sockets)} sockets for {len(self.config.listeners)} listeners")
+        self._listening = [_Listening(_listener_name(listener), sock)
+                           for listener, sock in zip(self.config.listeners, sockets, strict=True)]
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -156,12 +192,14 @@ class Server:
                     self._last_reload_ok = self.reload()
                     self.notifier.ready(self.status_line())
         finally:
-            for sig in handled:
-                loop.remove_signal_handler(sig)
             self.notifier.stopping(f"stopping: draining {len(self._connections)} connection(s)")
             try:
+                # Handlers stay while draining: a repeated SIGTERM (systemd signals the whole cgroup,
+                # and a worker's supervisor forwards its own) must not cut the drain short.
                 await self._drain()
             finally:
+                for sig in handled:
+                    loop.remove_signal_handler(sig)
                 if self._heartbeat is not None:
                     self._heartbeat.cancel()
                     self._heartbeat = None
@@ -351,7 +389,7 @@ class Server:
         limits = policy.limits
         ip = address[0]
         outcome = None
-        if len(self._connections) >= limits.max_connections:
+        if len(self._connections) >= max(1, limits.max_connections // self.workers):
             outcome = "over_limit"
         elif limits.max_connections_per_ip and self._per_ip.get(ip, 0) >= limits.max_connections_per_ip:
             outcome = "over_limit_per_ip"

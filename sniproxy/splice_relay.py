@@ -349,6 +349,10 @@ class SpliceRelay:
         self._buffer = bytearray(_READ_BUFFER)
         self._watcher: _Watcher | None = None
 
+    def use_worker(self, index: int) -> None:
+        """Pairs spliced from this process wake its own ring of hold events (one per worker)."""
+        self.table.use_worker(index)
+
     def _watcher_for(self, loop: asyncio.AbstractEventLoop) -> _Watcher:
         if self._watcher is None or self._watcher.loop is not loop:
             self._watcher = _Watcher(loop, self.table)

@@ -23,6 +23,9 @@ BPFFS_ROOT = "/sys/fs/bpf"
 # Maps pinned under pin_dir (the names a user sees in bpftool).
 PINNED_MAPS = ("sock_map", "conn_map", "traffic_stats", "conn_stats", "conn_ctl", "splice_cfg")
 
+# The verdict's hold notifications: one ring per worker process (conn_ctl.worker picks it).
+EVENT_RINGS = tuple(f"splice_events{i}" for i in range(maps.SNIPROXY_MAX_WORKERS))
+
 _NR_BPF = 321  # x86_64
 _BPF_OBJ_PIN = 6
 
@@ -90,12 +93,12 @@ class DataPlane:
         lib = self._lib()
         self.fds = {
             name: lib.bpf_table_fd(bpf.module, name.encode())  # type: ignore[attr-defined]
-            for name in (*PINNED_MAPS, "sk_cookie", "splice_events")
+            for name in (*PINNED_MAPS, "sk_cookie", *EVENT_RINGS)
         }
         missing = [n for n, fd in self.fds.items() if fd < 0]
         if missing:
             raise KernelError("maps missing after compile", ", ".join(missing))
-        self.splice_table = SpliceTable(self.fds, events_fd=self.fds["splice_events"],
+        self.splice_table = SpliceTable(self.fds, open_events=self._open_events,
                                         read_events=self._read_events)
 
     @staticmethod
@@ -159,7 +162,6 @@ class DataPlane:
             if queue_limit is not None:
                 plane.set_queue_limit(queue_limit)
             plane._pin_all()
-            bpf[b"splice_events"].open_ring_buffer(plane._on_event)
         except BaseException:
             plane.close()
             raise
@@ -172,6 +174,13 @@ class DataPlane:
                 os.unlink(path)  # stale pin from an earlier run
             pin_fd(self.fds[name], path)
             self._pinned.append(path)
+
+    def _open_events(self, worker: int) -> int:
+        """Consume ring `worker` in this process (after the fork, in a worker: a ring has one consumer,
+        and BCC's consumer state must not be shared with the parent). Returns its pollable fd."""
+        name = EVENT_RINGS[worker]
+        self._bpf[name.encode()].open_ring_buffer(self._on_event)  # type: ignore[index]
+        return self.fds[name]
 
     def _on_event(self, _ctx: object, data: int, size: int) -> int:
         if size >= ct.sizeof(maps.SpliceEvent):

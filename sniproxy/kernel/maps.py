@@ -19,7 +19,8 @@ def _libbcc() -> ct.CDLL:
     return bcc.libbcc.lib
 
 SNIPROXY_MAX_SOCKETS = 65536
-SNIPROXY_DEFAULT_QUEUE_LIMIT = 8 << 20
+SNIPROXY_DEFAULT_QUEUE_LIMIT = 24 << 20
+SNIPROXY_MAX_WORKERS = 16
 SNIPROXY_HOLD_ALL = 0xFFFF_FFFF_FFFF_FFFF
 
 HOLD_NO_PEER = 1
@@ -75,7 +76,8 @@ class ConnStats(ct.Structure):
 
 
 class ConnCtl(ct.Structure):
-    _fields_ = [("release_at", ct.c_uint64), ("queued_adj", ct.c_int64)]
+    _fields_ = [("release_at", ct.c_uint64), ("queued_adj", ct.c_int64), ("worker", ct.c_uint32),
+                ("pad", ct.c_uint32)]
 
 
 class SpliceCfg(ct.Structure):

@@ -66,11 +66,29 @@ def _splice_error(err: OSError, what: str) -> SpliceError:
 class SpliceTable:
     """Typed access to sock_map, conn_map, conn_stats, conn_ctl and sk_cookie of one DataPlane."""
 
-    def __init__(self, fds: dict[str, int], events_fd: int = -1,
+    def __init__(self, fds: dict[str, int], open_events: Callable[[int], int] | None = None,
                  read_events: Callable[[], list[maps.SpliceEvent]] | None = None) -> None:
         self._fds = fds
-        self.events_fd = events_fd
+        self._open_events = open_events
+        self._events_fd: int | None = None
         self._read_events = read_events or (lambda: [])
+        self.worker = 0  # which process's ring the verdict wakes for pairs added here
+
+    def use_worker(self, worker: int) -> None:
+        """Make pairs added from now on wake ring `worker` (a worker process calls this after the fork,
+        before it splices anything)."""
+        if not 0 <= worker < maps.SNIPROXY_MAX_WORKERS:
+            raise ValueError(f"worker {worker} outside 0..{maps.SNIPROXY_MAX_WORKERS - 1}")
+        if self._events_fd is not None and worker != self.worker:
+            raise RuntimeError("this process already consumes another worker's ring")
+        self.worker = worker
+
+    @property
+    def events_fd(self) -> int:
+        """Pollable fd of this process's ring of hold notifications (-1: none), opened on first use."""
+        if self._events_fd is None:
+            self._events_fd = self._open_events(self.worker) if self._open_events else -1
+        return self._events_fd
 
     # -- pairs ---------------------------------------------------------------------------------
     def add_pair(self, a: socket.socket, b: socket.socket, release_at: int = maps.SNIPROXY_HOLD_ALL) -> SplicedPair:
@@ -93,7 +111,8 @@ class SpliceTable:
                 stats = maps.ConnStats(peer=peer, start_ns=now, last_ns=now)
                 maps.update(f["conn_stats"], ct.c_uint64(cookie), stats, maps.BPF_NOEXIST, what="conn_stats")
                 undo.append(lambda c=cookie: maps.delete(f["conn_stats"], ct.c_uint64(c)))
-                maps.update(f["conn_ctl"], ct.c_uint64(cookie), maps.ConnCtl(release_at), what="conn_ctl")
+                maps.update(f["conn_ctl"], ct.c_uint64(cookie), maps.ConnCtl(release_at, 0, self.worker),
+                            what="conn_ctl")
                 undo.append(lambda c=cookie: maps.delete(f["conn_ctl"], ct.c_uint64(c)))
                 maps.update(f["conn_map"], ct.c_uint64(cookie), ct.c_uint64(peer), maps.BPF_NOEXIST,
                             what="conn_map")
@@ -153,7 +172,7 @@ class SpliceTable:
     def release(self, cookie: int, release_at: int, queued_adj: int = 0) -> None:
         """Let the verdict redirect again once conn_stats.pass_bytes == release_at (userspace has
         forwarded exactly that many of the bytes the verdict left to it). queued_adj: see conn_ctl."""
-        maps.update(self._fds["conn_ctl"], ct.c_uint64(cookie), maps.ConnCtl(release_at, queued_adj),
+        maps.update(self._fds["conn_ctl"], ct.c_uint64(cookie), maps.ConnCtl(release_at, queued_adj, self.worker),
                     maps.BPF_EXIST, what="conn_ctl")
 
     def read_events(self) -> list[maps.SpliceEvent]:

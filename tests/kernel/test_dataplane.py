@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes as ct
 import json
 import os
+import select
 import socket
 import subprocess
 import time
@@ -156,3 +157,65 @@ def test_bytes_queued_before_insertion_are_redirected_without_more_data(dataplan
         table.remove(pair)
         for s in (client, a, b, backend):
             s.close()
+
+
+def test_hold_event_wakes_only_the_worker_that_added_the_pair(dataplane: DataPlane) -> None:
+    """[server] workers: each worker process consumes its own ring (conn_ctl.worker picks it). A hold
+    on a pair worker 1 added must make ring 1 readable, in worker 1's process, and leave ring 0 alone.
+    The child is forked like a worker: it opens its ring after the fork, on a SpliceTable of its own."""
+    from sniproxy.kernel.splice import SpliceTable
+
+    client, a = _connected()
+    b, backend = _connected()
+    parent_ring = dataplane.splice_table.events_fd  # ring 0, consumed in this process
+    report_r, report_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the "worker"
+        result = {}
+        try:
+            table = SpliceTable(dataplane.fds, open_events=dataplane._open_events,
+                                read_events=dataplane._read_events)
+            table.use_worker(1)
+            ring = table.events_fd
+            pair = table.add_pair(a, b, release_at=0)
+            # Without its peer mapping the verdict holds this socket's bytes (SPLICE_HOLD_NO_PEER).
+            maps.delete(dataplane.fds["conn_map"], ct.c_uint64(pair.a_cookie))
+            client.sendall(b"held")
+            result["ring_readable"] = bool(select.select([ring], [], [], 5)[0])
+            result["events"] = [[e.cookie, e.reason] for e in table.read_events()]
+            result["cookie"] = pair.a_cookie
+            table.remove(pair)
+        except BaseException as e:  # reported to the parent, which fails the test
+            result["error"] = repr(e)
+        finally:
+            os.write(report_w, json.dumps(result).encode())
+            os._exit(0)
+    os.close(report_w)
+    with os.fdopen(report_r) as f:
+        result = json.loads(f.read())
+    os.waitpid(pid, 0)
+    try:
+        assert "error" not in result, result
+        assert result["ring_readable"]
+        assert result["events"] == [[result["cookie"], maps.HOLD_NO_PEER]]
+        assert not select.select([parent_ring], [], [], 0.2)[0], "ring 0 was woken for worker 1's pair"
+        assert dataplane.splice_table.read_events() == []
+    finally:
+        for s in (client, a, b, backend):
+            s.close()
+
+
+def test_worker_limit_matches_the_rings_compiled(dataplane: DataPlane) -> None:
+    """[server] workers is capped at the number of splice_eventsN rings splice.c spells out."""
+    import re
+
+    from sniproxy.config import MAX_WORKERS
+    from sniproxy.kernel.loader import EBPF_DIR, EVENT_RINGS
+
+    header = (EBPF_DIR / "sniproxy.h").read_text()
+    source = (EBPF_DIR / "splice.c").read_text()
+    (defined,) = re.findall(r"#define SNIPROXY_MAX_WORKERS (\d+)", header)
+    assert int(defined) == maps.SNIPROXY_MAX_WORKERS == MAX_WORKERS == len(EVENT_RINGS)
+    assert len(re.findall(r"BPF_RINGBUF_OUTPUT\(splice_events\d+,", source)) == MAX_WORKERS
+    assert len(re.findall(r"case \d+: return splice_events\d+\.ringbuf_output", source)) == MAX_WORKERS
+    assert all(dataplane.fds[name] >= 0 for name in EVENT_RINGS)

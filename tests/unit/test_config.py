@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import os
 import textwrap
 
 import pytest
@@ -91,9 +92,23 @@ def test_defaults_applied():
     assert config.limits.max_client_hello_size == 16384
     assert config.log == LogConfig(format="json", level="info", access_log=True)
     assert config.ebpf == EbpfConfig(splice=True, pin_dir="/sys/fs/bpf/sniproxy")
+    assert config.server.workers == 1  # one process unless asked
     assert config.source == "<string>"
     assert config.listeners[0].protocol == "tls"
     assert config.tables["default"].fallback is None
+
+
+@pytest.mark.parametrize("text, expected", [("workers = 'auto'", "auto"), ("workers = 3", 3)])
+def test_workers_setting(text, expected):
+    assert cfg(MINIMAL, "[server]\n" + text).server.workers == expected
+
+
+def test_auto_workers_is_one_per_usable_cpu_within_the_ring_count():
+    from sniproxy.config import MAX_WORKERS
+    from sniproxy.workers import worker_count
+
+    assert worker_count("auto") == min(len(os.sched_getaffinity(0)), MAX_WORKERS)
+    assert worker_count(5) == 5
 
 
 def test_listener_table_defaults_to_default():
@@ -321,6 +336,11 @@ ERROR_CASES = [
     pytest.param([MINIMAL, "[log]\naccess_log = 1"], "log.access_log", "true or false", id="int-not-bool"),
     pytest.param([MINIMAL, "[ebpf]\nsplice = 'yes'"], "ebpf.splice", "true or false", id="string-not-bool"),
     pytest.param([MINIMAL, "[ebpf]\npin_dir = 'sys/fs/bpf'"], "ebpf.pin_dir", "absolute", id="pin-dir-relative"),
+    pytest.param([MINIMAL, "[server]\nworkers = 0"], "server.workers", "between 1 and 16", id="workers-zero"),
+    pytest.param([MINIMAL, "[server]\nworkers = 17"], "server.workers", "between 1 and 16", id="workers-above-rings"),
+    pytest.param([MINIMAL, "[server]\nworkers = 'all'"], "server.workers", '"auto"', id="workers-word"),
+    pytest.param([MINIMAL, "[server]\nworkers = 2.0"], "server.workers", "integer", id="workers-float"),
+    pytest.param([MINIMAL, "[server]\nthreads = 2"], "server.threads", "unknown", id="server-unknown-key"),
 ]
 
 

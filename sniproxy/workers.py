@@ -1,0 +1,342 @@
+# `[server] workers`: the proxy as N processes forked from a supervisor that did, once, everything
+# needing privileges or a compiler (BPF programs, XDP, pinned maps, listening sockets). The supervisor
+# never accepts: it forwards SIGHUP/SIGTERM, restarts a worker that dies or stalls, and is the one
+# process that speaks to systemd. Invariant: every listening socket stays open in the supervisor, so
+# connections queued on a dead worker's socket wait for its replacement instead of being reset.
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import select
+import signal
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import structlog
+
+from sniproxy.config import MAX_WORKERS
+from sniproxy.systemd import Notifier
+
+log = structlog.get_logger("sniproxy.workers")
+
+# A worker beats this often (its Server's heartbeat timer, on its event loop)...
+HEARTBEAT_SECONDS = 1.0
+# ...and one silent this long has a stalled loop: it is killed and replaced. The environment may
+# shorten it (tests stop a worker with SIGSTOP and wait for its replacement).
+STALL_SECONDS = float(os.environ.get("SNIPROXY_WORKER_STALL_SECONDS", "20"))
+# A worker that dies sooner than this after its start is restarted with a growing delay (crash loop).
+_QUICK_DEATH = 10.0
+_MAX_RESTART_DELAY = 5.0
+# A worker that has not started serving after this long failed to start.
+START_TIMEOUT = 60.0
+
+_READY, _BEAT = b"R", b"."
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
+
+
+def worker_count(setting: int | str) -> int:
+    """`workers` of [server] as a number: "auto" is one per CPU this process may run on."""
+    if setting == "auto":
+        return max(1, min(len(os.sched_getaffinity(0)), MAX_WORKERS))
+    assert isinstance(setting, int)
+    return setting
+
+
+class ChannelNotifier(Notifier):
+    """A worker's Notifier: READY and WATCHDOG go to the supervisor through a pipe (the supervisor
+    tells systemd for all workers); STATUS, RELOADING and STOPPING stay in the worker."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__(None, watchdog_usec=int(HEARTBEAT_SECONDS * 2_000_000))
+        self._fd = fd
+
+    @property
+    def enabled(self) -> bool:
+        return True
+
+    @property
+    def watchdog_interval(self) -> float | None:
+        return HEARTBEAT_SECONDS
+
+    def notify(self, *fields: str) -> bool:
+        codes = b"".join({"READY=1": _READY, "WATCHDOG=1": _BEAT}.get(f, b"") for f in fields)
+        if not codes:
+            return False
+        try:
+            os.write(self._fd, codes)
+        except OSError:  # the supervisor is gone or not reading: nothing to tell
+            return False
+        return True
+
+
+@dataclass
+class _Worker:
+    index: int
+    pid: int = 0
+    channel: int = -1  # read end of its pipe
+    started: float = 0.0
+    last_heard: float = 0.0
+    ready: bool = False
+    restarts: int = 0
+    restart_at: float | None = None  # a replacement is due at this time (crash-loop backoff)
+    delay: float = 0.1
+
+
+@dataclass
+class Supervisor:
+    """Forks `count` workers; `serve(index, channel_fd)` runs in each child and returns its exit code.
+    `sockets[index]` are that worker's listening sockets (the others' are closed in the child)."""
+
+    count: int
+    sockets: Sequence[Sequence[socket.socket]]
+    serve: Callable[[int, int], int]
+    notifier: Notifier = field(default_factory=Notifier.disabled)
+    shutdown_grace: float = 30.0
+
+    def __post_init__(self) -> None:
+        self._workers = [_Worker(i) for i in range(self.count)]
+        self._signals: list[int] = []
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    # -- running ------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Until SIGTERM/SIGINT (exit 0 once every worker has drained), or until a worker fails to
+        start (exit 1, the others stopped)."""
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in _SIGNALS}
+        previous_wakeup = signal.set_wakeup_fd(self._wake_w)
+        try:
+            for worker in self._workers:
+                self._spawn(worker)
+            if not self._wait_started():
+                self._stop_all()
+                return 1
+            log.info("workers_started", workers=self.count, pids=[w.pid for w in self._workers])
+            self.notifier.ready(self.status_line())
+            self._supervise()
+            return 0
+        finally:
+            signal.set_wakeup_fd(previous_wakeup)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            for worker in self._workers:
+                if worker.channel >= 0:
+                    os.close(worker.channel)
+                    worker.channel = -1
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    def status_line(self) -> str:
+        alive = sum(1 for w in self._workers if w.pid)
+        return f"workers={alive}/{self.count} restarts={sum(w.restarts for w in self._workers)}"
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self._signals.append(signum)
+
+    def _wait_started(self) -> bool:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not all(w.ready for w in self._workers):
+            self._poll(min(1.0, max(deadline - time.monotonic(), 0.0)))
+            for sig in self._take_signals():
+                if sig in (signal.SIGTERM, signal.SIGINT):
+                    log.info("stop_requested", phase="starting")
+                    return False
+            dead = self._reap()
+            if dead:
+                log.error("start_failed", error=f"worker {dead[0][0].index} exited while starting "
+                          f"({_describe(dead[0][1])})")
+                return False
+            if time.monotonic() >= deadline:
+                log.error("start_failed", error=f"workers not serving after {START_TIMEOUT:g} s")
+                return False
+        return True
+
+    def _supervise(self) -> None:
+        beat_every = self.notifier.watchdog_interval or 5.0
+        next_beat = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if now >= next_beat:
+                if self.notifier.watchdog_interval is not None:
+                    self.notifier.watchdog()
+                self.notifier.status(self.status_line())
+                next_beat = now + min(beat_every, 5.0)
+            due = [w.restart_at for w in self._workers if w.restart_at is not None]
+            self._poll(max(0.0, min([next_beat - now, 1.0, *(d - now for d in due)])))
+            for sig in self._take_signals():
+                if sig in (signal.SIGTERM, signal.SIGINT):
+                    self._stop_all()
+                    return
+                if sig == signal.SIGHUP:
+                    self._reload()
+            for worker, status in self._reap():
+                self._schedule_restart(worker, f"exited ({_describe(status)})")
+            now = time.monotonic()
+            for worker in self._workers:
+                if worker.pid and now - worker.last_heard > STALL_SECONDS:
+                    log.error("worker_stalled", worker=worker.index, pid=worker.pid,
+                              silent_seconds=round(now - worker.last_heard, 1))
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(worker.pid, signal.SIGKILL)
+                    worker.last_heard = now  # reaped (and replaced) once SIGCHLD comes in
+                if worker.restart_at is not None and now >= worker.restart_at:
+                    worker.restart_at = None
+                    worker.restarts += 1
+                    self._spawn(worker)
+                    log.info("worker_restarted", worker=worker.index, pid=worker.pid, restarts=worker.restarts)
+
+    def _schedule_restart(self, worker: _Worker, why: str) -> None:
+        now = time.monotonic()
+        worker.delay = min(worker.delay * 2, _MAX_RESTART_DELAY) if now - worker.started < _QUICK_DEATH else 0.1
+        worker.restart_at = now + worker.delay
+        log.error("worker_exited", worker=worker.index, reason=why, restart_in_seconds=worker.delay)
+
+    def _reload(self) -> None:
+        """Forward SIGHUP; tell systemd READY again once every worker re-read its config (each sends
+        READY after a reload, successful or not: a rejected file leaves its previous config running)."""
+        self.notifier.reloading()
+        for worker in self._workers:
+            worker.ready = False
+            self._kill(worker, signal.SIGHUP)
+        deadline = time.monotonic() + 10.0
+        while not all(w.ready or not w.pid for w in self._workers) and time.monotonic() < deadline:
+            self._poll(0.2)
+            for worker, status in self._reap():
+                self._schedule_restart(worker, f"exited ({_describe(status)})")
+        log.info("workers_reloaded", workers=self.count)
+        self.notifier.ready(self.status_line())
+
+    def _stop_all(self) -> None:
+        """SIGTERM every worker (each drains its connections for up to shutdown_grace), then wait;
+        SIGKILL what is still there well after that."""
+        alive = [w for w in self._workers if w.pid]
+        self.notifier.stopping(f"stopping: {len(alive)} worker(s) draining")
+        log.info("stopping", workers=len(alive))
+        for worker in alive:
+            worker.restart_at = None
+            self._kill(worker, signal.SIGTERM)
+        deadline = time.monotonic() + self.shutdown_grace + 5.0
+        while any(w.pid for w in self._workers):
+            if time.monotonic() >= deadline:
+                for worker in self._workers:
+                    if worker.pid:
+                        log.error("worker_killed", worker=worker.index, pid=worker.pid,
+                                  reason="still running after the shutdown grace")
+                        self._kill(worker, signal.SIGKILL)
+                deadline = float("inf")
+            self._poll(0.2)
+            self._take_signals()
+            self._reap()
+        log.info("stopped")
+
+    # -- processes ----------------------------------------------------------------------------------
+
+    def _spawn(self, worker: _Worker) -> None:
+        if worker.channel >= 0:
+            os.close(worker.channel)
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(read_end, False)
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()  # or buffered lines would be printed by both processes
+        pid = os.fork()
+        if pid == 0:  # the child: never returns
+            code = 70  # EX_SOFTWARE
+            try:
+                os.close(read_end)
+                self._become_worker(worker.index)
+                code = self.serve(worker.index, write_end)
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                with contextlib.suppress(Exception):
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                # No atexit handlers, no finalizers: those belong to the supervisor (BCC's would
+                # detach the programs every worker shares).
+                os._exit(code)
+        os.close(write_end)
+        now = time.monotonic()
+        worker.pid, worker.channel, worker.started, worker.last_heard, worker.ready = pid, read_end, now, now, False
+
+    def _become_worker(self, index: int) -> None:
+        signal.set_wakeup_fd(-1)
+        for sig in _SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        for worker in self._workers:
+            if worker.channel >= 0:
+                os.close(worker.channel)
+        for other, socks in enumerate(self.sockets):
+            if other != index:
+                for sock in socks:
+                    sock.close()
+        structlog.contextvars.bind_contextvars(worker=index)
+
+    def _kill(self, worker: _Worker, sig: int) -> None:
+        if worker.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, sig)
+
+    def _reap(self) -> list[tuple[_Worker, int]]:
+        dead = []
+        for worker in self._workers:
+            if not worker.pid:
+                continue
+            try:
+                pid, status = os.waitpid(worker.pid, os.WNOHANG)
+            except ChildProcessError:
+                pid, status = worker.pid, 0
+            if pid:
+                worker.pid = 0
+                worker.ready = False
+                dead.append((worker, status))
+        return dead
+
+    def _take_signals(self) -> list[int]:
+        taken, self._signals = self._signals, []
+        return taken
+
+    def _poll(self, timeout: float) -> None:
+        """Wait for a signal or a worker's message; read every message waiting."""
+        fds = [self._wake_r] + [w.channel for w in self._workers if w.channel >= 0]
+        try:
+            readable, _, _ = select.select(fds, [], [], timeout)
+        except InterruptedError:
+            readable = []
+        for fd in readable:
+            if fd == self._wake_r:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 512)
+                continue
+            worker = next((w for w in self._workers if w.channel == fd), None)
+            if worker is None:
+                continue
+            try:
+                data = os.read(fd, 512)
+            except BlockingIOError:
+                continue
+            except OSError as e:
+                if e.errno != errno.EBADF:
+                    raise
+                continue
+            if not data:  # every writer closed: the worker is gone; SIGCHLD tells the rest
+                os.close(fd)
+                worker.channel = -1
+                continue
+            worker.last_heard = time.monotonic()
+            if _READY in data:
+                worker.ready = True
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit code {os.waitstatus_to_exitcode(status)}"

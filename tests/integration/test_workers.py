@@ -1,0 +1,144 @@
+# [server] workers: N processes accept on SO_REUSEPORT sockets the supervisor bound; every byte
+# arrives in every relay mode, a dead or stalled worker is replaced without losing the connections
+# queued on its socket, SIGHUP reaches every worker, SIGTERM drains them all.
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+from tests.conftest import free_port
+from tests.integration.test_data_integrity import data_proxy_config, run_transfers
+from tests.support import configs
+from tests.support.backends import DataBackend, TlsBackend, client_context, server_context, who
+
+WORKERS = "\n[server]\nworkers = 2\n"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0): it is dead for our purposes once its parent reaped it.
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _started(proxy) -> list[int]:
+    (event,) = proxy.wait_for(lambda e: e.get("event") == "workers_started")
+    return event["pids"]
+
+
+async def test_workers_share_the_listener_and_every_byte_arrives(start_proxy, relay_mode):
+    backend = await DataBackend().start()
+    try:
+        port = free_port()
+        proxy = start_proxy(data_proxy_config(backend.port, port) + WORKERS)
+        pids = _started(proxy)
+        assert len(pids) == 2 and proxy.proc.pid not in pids
+        sizes = [(1 << 20, 3 << 20), (3 << 20, 1 << 20)] * 12
+        await run_transfers(port, backend, sizes)
+        events = await proxy.access(count=len(sizes))
+        assert {e["outcome"] for e in events} == {"closed"}
+        assert {e["relay"] for e in events} == {proxy.expected_relay}
+        # SO_REUSEPORT hashes each client's address and port: 24 connections all on one worker
+        # would happen once in 2^23 runs.
+        assert {e["worker"] for e in events} == {0, 1}
+    finally:
+        await backend.close()
+
+
+async def test_a_killed_worker_is_replaced_and_connections_queued_meanwhile_are_served(start_proxy, ca):
+    backend = await TlsBackend("a", server_context(ca, "app.test")).start()
+    try:
+        port = free_port()
+        proxy = start_proxy(configs.listener(f"127.0.0.1:{port}")
+                            + configs.table("default", [("app.test", f"127.0.0.1:{backend.port}")])
+                            + configs.common() + WORKERS)
+        pids = _started(proxy)
+        os.kill(pids[1], signal.SIGKILL)
+        # Connect at once: the ones hashed to the dead worker's socket wait in its accept queue
+        # (the supervisor keeps it open) until the replacement takes them.
+        ctx = client_context(ca)
+        answers = await asyncio.gather(*(who("127.0.0.1", port, "app.test", ctx) for _ in range(30)))
+        assert answers == ["backend=a alpn=None"] * 30
+        (exited,) = await proxy.until(lambda e: e.get("event") == "worker_exited")
+        assert exited["worker"] == 1 and "SIGKILL" in exited["reason"]
+        (restarted,) = await proxy.until(lambda e: e.get("event") == "worker_restarted")
+        assert restarted["worker"] == 1 and restarted["pid"] not in pids
+        assert not _pid_alive(pids[1]) and _pid_alive(pids[0])
+        events = await proxy.access(count=30)
+        assert {e["worker"] for e in events} == {0, 1}, "the replacement serves too"
+    finally:
+        await backend.close()
+
+
+async def test_a_stalled_worker_is_killed_and_replaced(start_proxy, ca):
+    backend = await TlsBackend("a", server_context(ca, "app.test")).start()
+    try:
+        port = free_port()
+        proxy = start_proxy(configs.listener(f"127.0.0.1:{port}")
+                            + configs.table("default", [("app.test", f"127.0.0.1:{backend.port}")])
+                            + configs.common() + WORKERS, env={"SNIPROXY_WORKER_STALL_SECONDS": "2"})
+        pids = _started(proxy)
+        os.kill(pids[0], signal.SIGSTOP)  # its event loop stops: no heartbeat
+        (stalled,) = await proxy.until(lambda e: e.get("event") == "worker_stalled", timeout=15)
+        assert stalled["pid"] == pids[0]
+        await proxy.until(lambda e: e.get("event") == "worker_restarted", timeout=15)
+        ctx = client_context(ca)
+        answers = await asyncio.gather(*(who("127.0.0.1", port, "app.test", ctx) for _ in range(20)))
+        assert answers == ["backend=a alpn=None"] * 20
+    finally:
+        await backend.close()
+
+
+async def test_sighup_reloads_every_worker(start_proxy, ca):
+    a = await TlsBackend("a", server_context(ca, "app.test")).start()
+    b = await TlsBackend("b", server_context(ca, "app.test")).start()
+    try:
+        port = free_port()
+
+        def text(backend_port: int) -> str:
+            return (configs.listener(f"127.0.0.1:{port}")
+                    + configs.table("default", [("app.test", f"127.0.0.1:{backend_port}")])
+                    + configs.common() + WORKERS)
+
+        proxy = start_proxy(text(a.port))
+        _started(proxy)
+        ctx = client_context(ca)
+        proxy.config_path.write_text(text(b.port))
+        proxy.signal(signal.SIGHUP)
+        await proxy.until(lambda e: e.get("event") == "workers_reloaded")
+        reloaded = {e["worker"] for e in proxy.events() if e.get("event") == "reloaded"}
+        assert reloaded == {0, 1}
+        answers = await asyncio.gather(*(who("127.0.0.1", port, "app.test", ctx) for _ in range(24)))
+        assert answers == ["backend=b alpn=None"] * 24
+        assert {e["worker"] for e in await proxy.access(count=24)} == {0, 1}
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_sigterm_drains_every_worker_then_exits_zero(start_proxy, relay_mode):
+    backend = await DataBackend().start()
+    try:
+        port = free_port()
+        proxy = start_proxy(data_proxy_config(backend.port, port, limits={"shutdown_grace": 20.0}) + WORKERS)
+        pids = _started(proxy)
+        # Transfers in flight when the stop comes finish whole (the drain), on both workers.
+        sizes = [(8 << 20, 8 << 20)] * 8
+        transfers = asyncio.ensure_future(run_transfers(port, backend, sizes, after_eof=True))
+        await asyncio.sleep(0.5)  # connected and accepted; the transfers take seconds
+        proxy.signal(signal.SIGTERM)
+        await transfers
+        deadline = time.monotonic() + 30
+        while proxy.proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert proxy.proc.returncode == 0, proxy.text()[-3000:]
+        assert not any(_pid_alive(pid) for pid in pids)
+        stopped = {e.get("worker") for e in proxy.events() if e.get("event") == "stopped"}
+        assert stopped == {0, 1, None}  # both workers and the supervisor
+    finally:
+        await backend.close()
