@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -46,6 +47,9 @@ async def test_workers_share_the_listener_and_every_byte_arrives(start_proxy, re
         # SO_REUSEPORT hashes each client's address and port: 24 connections all on one worker
         # would happen once in 2^23 runs.
         assert {e["worker"] for e in events} == {0, 1}
+        # Both workers write to one stdout: every line must still be one whole JSON event.
+        for line in proxy.text().splitlines():
+            json.loads(line)
     finally:
         await backend.close()
 
