@@ -134,10 +134,12 @@ async def test_slow_reader_keeps_tcp_memory_bounded(relay, dataplane: DataPlane)
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "issue 3, open: one sender that never pauses outruns the psock's redirect queue; once the queue "
-    "limit holds the direction, userspace never finds it empty again and copies the rest (measured "
-    "0.45-0.65 s of proxy CPU per GB for 1 stream; 8 streams: 0.05-0.18). Strict: this fails the "
-    "suite the day the kernel carries a single stream."))
+    "issue 3 (blocked, see docs/benchmarks.md): one sender that never pauses outruns the psock's "
+    "redirect queue; once the queue limit holds the direction, userspace never finds it empty again "
+    "and copies the rest (measured 0.45-0.65 s of proxy CPU per GB for 1 stream; 8 streams: "
+    "0.05-0.18). With no queue limit (the 'ceiling' of bench/splice_throughput.py) it is 0.01-0.02, "
+    "but kernel memory is then unbounded. Strict: this fails the suite the day the kernel carries a "
+    "single stream within the memory bound."))
 async def test_proxy_cpu_is_small_while_kernel_splices(relay, dataplane: DataPlane) -> None:
     """1 GB through one spliced connection; endpoints run in another process. The proxy process's
     CPU time stays under 5% of the wall time."""
