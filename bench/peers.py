@@ -233,8 +233,9 @@ def ours_config(port: int, backends: dict[str, int], max_conns: int, splice: boo
     )
 
 
-# Where a worker count may live in our config; the first one `sniproxy check` accepts is used.
-WORKER_CANDIDATES = ('workers = "auto"\n\n', '[server]\nworkers = "auto"\n\n', '[process]\nworkers = "auto"\n\n')
+# Where a worker count lives in our config ([server] workers, from session 3 on); older checkouts
+# without it are benchmarked as one process (the first candidate `sniproxy check` accepts is used).
+WORKER_CANDIDATES = ('[server]\nworkers = "auto"\n\n',)
 
 
 def ours_workers_toml(tmp: Path) -> str | None:

@@ -146,3 +146,21 @@ async def test_sigterm_drains_every_worker_then_exits_zero(start_proxy, relay_mo
         assert stopped == {0, 1, None}  # both workers and the supervisor
     finally:
         await backend.close()
+
+
+async def test_a_second_proxy_on_the_same_port_is_refused_not_silently_sharing_it(start_proxy, ca):
+    """SO_REUSEPORT would let a second proxy of the same user join the port and take half the
+    clients; the supervisor's plain bind first makes that a start failure."""
+    port = free_port()
+    text = configs.listener(f"127.0.0.1:{port}") + configs.table("default", [], "127.0.0.1:9") + configs.common()
+    first = start_proxy(text + WORKERS)
+    _started(first)
+    second = start_proxy(text + WORKERS, wait=False)
+    deadline = time.monotonic() + 30
+    while second.proc.poll() is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert second.proc.returncode == 1
+    (failed,) = [e for e in second.events() if e.get("event") == "start_failed"]
+    assert "Address already in use" in failed["error"]
+    assert not [e for e in second.events() if e.get("event") == "workers_started"]
+    assert first.proc.poll() is None
