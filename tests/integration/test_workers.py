@@ -9,6 +9,8 @@ import os
 import signal
 import time
 
+import pytest
+
 from tests.conftest import free_port
 from tests.integration.test_data_integrity import data_proxy_config, run_transfers
 from tests.support import configs
@@ -54,48 +56,52 @@ async def test_workers_share_the_listener_and_every_byte_arrives(start_proxy, re
         await backend.close()
 
 
-async def test_a_killed_worker_is_replaced_and_connections_queued_meanwhile_are_served(start_proxy, ca):
+@pytest.fixture
+async def app_backend(ca):
     backend = await TlsBackend("a", server_context(ca, "app.test")).start()
-    try:
-        port = free_port()
-        proxy = start_proxy(configs.listener(f"127.0.0.1:{port}")
-                            + configs.table("default", [("app.test", f"127.0.0.1:{backend.port}")])
-                            + configs.common() + WORKERS)
-        pids = _started(proxy)
-        os.kill(pids[1], signal.SIGKILL)
-        # Connect at once: the ones hashed to the dead worker's socket wait in its accept queue
-        # (the supervisor keeps it open) until the replacement takes them.
-        ctx = client_context(ca)
-        answers = await asyncio.gather(*(who("127.0.0.1", port, "app.test", ctx) for _ in range(30)))
-        assert answers == ["backend=a alpn=None"] * 30
-        (exited,) = await proxy.until(lambda e: e.get("event") == "worker_exited")
-        assert exited["worker"] == 1 and "SIGKILL" in exited["reason"]
-        (restarted,) = await proxy.until(lambda e: e.get("event") == "worker_restarted")
-        assert restarted["worker"] == 1 and restarted["pid"] not in pids
-        assert not _pid_alive(pids[1]) and _pid_alive(pids[0])
-        events = await proxy.access(count=30)
-        assert {e["worker"] for e in events} == {0, 1}, "the replacement serves too"
-    finally:
-        await backend.close()
+    yield backend
+    await backend.close()
 
 
-async def test_a_stalled_worker_is_killed_and_replaced(start_proxy, ca):
-    backend = await TlsBackend("a", server_context(ca, "app.test")).start()
-    try:
-        port = free_port()
-        proxy = start_proxy(configs.listener(f"127.0.0.1:{port}")
-                            + configs.table("default", [("app.test", f"127.0.0.1:{backend.port}")])
-                            + configs.common() + WORKERS, env={"SNIPROXY_WORKER_STALL_SECONDS": "2"})
-        pids = _started(proxy)
-        os.kill(pids[0], signal.SIGSTOP)  # its event loop stops: no heartbeat
-        (stalled,) = await proxy.until(lambda e: e.get("event") == "worker_stalled", timeout=15)
-        assert stalled["pid"] == pids[0]
-        await proxy.until(lambda e: e.get("event") == "worker_restarted", timeout=15)
-        ctx = client_context(ca)
-        answers = await asyncio.gather(*(who("127.0.0.1", port, "app.test", ctx) for _ in range(20)))
-        assert answers == ["backend=a alpn=None"] * 20
-    finally:
-        await backend.close()
+def _app_proxy(start_proxy, backend: TlsBackend, env: dict[str, str] | None = None):
+    """A 2-worker proxy routing app.test to `backend`; returns it with its port."""
+    port = free_port()
+    proxy = start_proxy(configs.listener(f"127.0.0.1:{port}")
+                        + configs.table("default", [("app.test", f"127.0.0.1:{backend.port}")])
+                        + configs.common() + WORKERS, env=env)
+    return proxy, port
+
+
+async def _ask_many(port: int, ca, count: int) -> list[str]:
+    ctx = client_context(ca)
+    return list(await asyncio.gather(*(who("127.0.0.1", port, "app.test", ctx) for _ in range(count))))
+
+
+async def test_a_killed_worker_is_replaced_and_connections_queued_meanwhile_are_served(start_proxy, ca,
+                                                                                        app_backend):
+    proxy, port = _app_proxy(start_proxy, app_backend)
+    pids = _started(proxy)
+    os.kill(pids[1], signal.SIGKILL)
+    # Connect at once: the ones hashed to the dead worker's socket wait in its accept queue (the
+    # supervisor keeps it open) until the replacement takes them.
+    assert await _ask_many(port, ca, 30) == ["backend=a alpn=None"] * 30
+    (exited,) = await proxy.until(lambda e: e.get("event") == "worker_exited")
+    assert exited["worker"] == 1 and "SIGKILL" in exited["reason"]
+    (restarted,) = await proxy.until(lambda e: e.get("event") == "worker_restarted")
+    assert restarted["worker"] == 1 and restarted["pid"] not in pids
+    assert not _pid_alive(pids[1]) and _pid_alive(pids[0])
+    events = await proxy.access(count=30)
+    assert {e["worker"] for e in events} == {0, 1}, "the replacement serves too"
+
+
+async def test_a_stalled_worker_is_killed_and_replaced(start_proxy, ca, app_backend):
+    proxy, port = _app_proxy(start_proxy, app_backend, env={"SNIPROXY_WORKER_STALL_SECONDS": "2"})
+    pids = _started(proxy)
+    os.kill(pids[0], signal.SIGSTOP)  # its event loop stops: no heartbeat
+    (stalled,) = await proxy.until(lambda e: e.get("event") == "worker_stalled", timeout=15)
+    assert stalled["pid"] == pids[0]
+    await proxy.until(lambda e: e.get("event") == "worker_restarted", timeout=15)
+    assert await _ask_many(port, ca, 20) == ["backend=a alpn=None"] * 20
 
 
 async def test_sighup_reloads_every_worker(start_proxy, ca):
