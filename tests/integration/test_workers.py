@@ -170,3 +170,26 @@ async def test_a_second_proxy_on_the_same_port_is_refused_not_silently_sharing_i
     assert "Address already in use" in failed["error"]
     assert not [e for e in second.events() if e.get("event") == "workers_started"]
     assert first.proc.poll() is None
+
+
+async def test_max_connections_is_split_between_workers(start_proxy):
+    """max_connections = 2 with 2 workers: each worker holds at most one connection, so of 10 clients
+    waiting mid-hello at most 2 are held and the rest are refused at accept (`over_limit`)."""
+    port = free_port()
+    proxy = start_proxy(configs.listener(f"127.0.0.1:{port}") + configs.table("default", [], "127.0.0.1:9")
+                        + configs.common(limits={"max_connections": 2, "client_hello_timeout": 30.0})
+                        + WORKERS)
+    _started(proxy)
+    clients = []
+    try:
+        for _ in range(10):
+            _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            clients.append(writer)
+        await proxy.until(lambda e: e.get("outcome") == "over_limit", count=8)
+        await asyncio.sleep(0.3)  # a ninth would show up now if a worker held two
+        refused = [e for e in proxy.events() if e.get("outcome") == "over_limit"]
+        # 8 when the kernel spread the clients over both workers, 9 when all went to one
+        assert len(refused) in (8, 9), refused
+    finally:
+        for writer in clients:
+            writer.close()
