@@ -129,6 +129,7 @@ class Connection:
         self.backend_host: str | None = None  # the host (name or IP) of the backend it served from
         self._balanced: BackendAddress | None = None  # counted open in the balancer until the end
         self._connect_deadline: float | None = None
+        self._tried: list[str] = []  # why backends tried before the one that served failed
         self.via: Any = None  # the load balancer's address, when a PROXY header named the client
         self.proxy_destination: Any = None
         self.buffered = bytearray()
@@ -275,6 +276,7 @@ class Connection:
                 if balancer.connected(target):
                     log.info("backend_up", backend=str(target), by="connection")
                 self._balanced = target
+            self._tried = [f.reason for f in failures]
             return sock
         if len(failures) == 1:
             raise failures[0]
@@ -401,6 +403,8 @@ class Connection:
         }
         if self.via:
             event["via"] = peer_text(self.via)
+        if self._tried:
+            event["backend_failed"] = self._tried
         if reason:
             event["reason"] = reason
         if result and result.fallback_reason:
