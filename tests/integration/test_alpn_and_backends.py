@@ -228,3 +228,22 @@ async def test_all_backends_down_is_one_connect_failed(backend_pair, start_proxy
     downs = [e for e in proxy.events() if e.get("event") == "backend_down"]
     assert sorted(e["backend"] for e in downs) == sorted([a.address, b.address])
     assert os.path.exists(proxy.log_path)
+
+
+async def test_reload_turns_health_checks_on_and_keeps_serving(backend_pair, start_proxy, ca):
+    a, b = backend_pair("a"), backend_pair("b")
+    port = free_port()
+    proxy = start_proxy(pool_config(port, a, b, "hold_down = 60\n"))
+    assert Counter(await who_many(port, ca, 2)) == {"backend=a alpn=None": 1, "backend=b alpn=None": 1}
+    a.kill()
+    proxy.config_path.write_text(pool_config(
+        port, a, b, "hold_down = 60\nhealth_check_interval = 0.3\nhealth_check_timeout = 0.3\n"))
+    proxy.signal(signal.SIGHUP)
+    await proxy.until(lambda e: e.get("event") == "reloaded")
+    (checks,) = await proxy.until(lambda e: e.get("event") == "health_checks")
+    assert sorted(checks["backends"]) == sorted([a.address, b.address])
+    (down,) = await proxy.until(lambda e: e.get("event") == "backend_down", timeout=5)
+    assert down["backend"] == a.address
+    assert await who_many(port, ca, 3) == ["backend=b alpn=None"] * 3
+    events = await proxy.access(count=5)
+    assert not any(e.get("backend_failed") for e in events[2:]), events
