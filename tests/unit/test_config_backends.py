@@ -148,3 +148,16 @@ def test_backends_not_a_table():
     with pytest.raises(ConfigError) as info:
         cfg("backends = 1", LISTENER, table())
     assert info.value.key_path == "backends" and "expected a table" in info.value.reason
+
+
+def test_the_documented_example_parses():
+    import pathlib
+    import re
+
+    doc = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    example = re.search(r"## Example\n\n```toml\n(.*?)```", doc, re.S)
+    assert example is not None
+    config = parse_config(example.group(1))
+    web = config.tables["web"].routes
+    assert web[0].alpn == ("acme-tls/1",) and web[0].backend == "unix:/run/acme.sock"
+    assert web[1].backend == ("10.0.0.1:443", "10.0.0.2:443")
