@@ -157,7 +157,7 @@ def _serve_worker(config: Config, relay: Relay, xdp: XdpGate | None, dns_cache: 
     from sniproxy.server import Server
     from sniproxy.workers import ChannelNotifier
 
-    relay.use_worker(index)
+    relay.use_worker(index, workers)
 
     async def main() -> None:
         resolver = Resolver(config.resolver, dns_cache)

@@ -18,19 +18,20 @@ import structlog
 from sniproxy import proxy_protocol, tls
 from sniproxy.balancer import Balancer
 from sniproxy.config import BackendAddress, LimitsConfig, UnixAddress
-from sniproxy.relay import CopyRelay, Outcome, Relay, RelayResult
+from sniproxy.relay import Outcome, Relay, RelayResult
 from sniproxy.resolver import ResolveError, Resolver
 from sniproxy.routing import Route, RouteTable
 
 access_log = structlog.get_logger("sniproxy.access")
 log = structlog.get_logger("sniproxy.balancer")
 
-# A unix-socket backend is always copied. Measured (bench/unix_splice_probe.py): sock_map takes the
-# unix socket, but the verdict keys on the skb's socket, which for a unix skb is the sender (the
-# backend's end, not ours), so nothing from the backend is redirected; and the splice's byte-order
-# bookkeeping needs TCP_INFO and TCP_INQ, which a unix socket refuses (EOPNOTSUPP).
+# A unix-socket backend is always copied (a copy-only Relay, so no hand-off is even attempted).
+# Measured (bench/unix_splice_probe.py): sock_map takes the unix socket, but the verdict keys on the
+# skb's socket, which for a unix skb is the sender (the backend's end, not ours), so nothing from the
+# backend is redirected; and the hand-off's byte-order bookkeeping needs TCP_INFO and TCP_INQ, which
+# a unix socket refuses (EOPNOTSUPP).
 UNIX_COPY_REASON = "unix-socket backend: the kernel splice relays TCP sockets only"
-_UNIX_COPY = CopyRelay()
+_UNIX_COPY = Relay()
 
 _RECV_SIZE = 65536
 
@@ -157,8 +158,8 @@ class Connection:
             client, self.client, relay_backend, backend = self.client, None, backend, None
             idle = self.policy.limits.idle_timeout
             if relay_backend.family == socket.AF_UNIX and self.relay.mode != _UNIX_COPY.mode:
-                result = await _UNIX_COPY.relay(client, relay_backend, first, idle,
-                                                fallback_reason=UNIX_COPY_REASON)
+                result = await _UNIX_COPY.relay(client, relay_backend, first, idle)
+                result.fallback_reason = UNIX_COPY_REASON
             else:
                 result = await self.relay.relay(client, relay_backend, first, idle)
             outcome = result.outcome.value
@@ -409,4 +410,6 @@ class Connection:
             event["reason"] = reason
         if result and result.fallback_reason:
             event["splice_fallback"] = result.fallback_reason
+        if result and result.kernel_bytes:
+            event["kernel_bytes"] = result.kernel_bytes
         access_log.info("access", **event)
