@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from sniproxy.balancer import Balancer
 from sniproxy.config import Config, ConfigError, ListenerConfig, load_config
 from sniproxy.connection import Connection, Policy, access_log, peer_text
 from sniproxy.dataplane import DataPlaneError, XdpGate
+from sniproxy.health import HealthChecker, balanced_backends
 from sniproxy.relay import Relay
 from sniproxy.resolver import Resolver
 from sniproxy.routing import RouteTable
@@ -128,6 +130,9 @@ class Server:
         # keeps the one it started with, so an old one is closed only when its last user ends.
         self._resolver_users: dict[Resolver, int] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        # Kept across reloads: open counts and hold-downs of backends the new file still names.
+        self.balancer = Balancer(self.config.backends.hold_down)
+        self._health = HealthChecker(self.balancer, lambda: self.resolver)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -177,6 +182,7 @@ class Server:
         # Listeners are bound and the relay (BPF objects included) was opened before serve(): ready.
         self.notifier.ready(self.status_line())
         self._schedule_heartbeat()
+        self._health.configure(self.config)
         try:
             while not self._stop.is_set():
                 stop_wait = asyncio.ensure_future(self._stop.wait())
@@ -236,6 +242,9 @@ class Server:
         self._policies = policies
         if resolver is not None:
             self._swap_resolver(resolver)
+        self.balancer.hold_down = config.backends.hold_down
+        self.balancer.retain(balanced_backends(config))
+        self._health.configure(config)
         self.reloads += 1
         log.info("reloaded", source=config.source, reloads=self.reloads)
         return True
@@ -327,6 +336,7 @@ class Server:
 
     async def _drain(self) -> None:
         self._close_listeners()
+        await self._health.stop()
         grace = self.config.limits.shutdown_grace
         if self._connections:
             log.info("draining", connections=len(self._connections), grace_seconds=grace)
@@ -406,7 +416,8 @@ class Server:
         self.accepted += 1
         resolver = self.resolver
         assert resolver is not None
-        connection = Connection(client, address, entry.name, policy, resolver, self.relay, loop)
+        connection = Connection(client, address, entry.name, policy, resolver, self.relay, loop,
+                                self.balancer)
         task = loop.create_task(connection.handle())
         self._connections.add(task)
         self._per_ip[ip] = self._per_ip.get(ip, 0) + 1

@@ -271,7 +271,7 @@ ERROR_CASES = [
     pytest.param([LISTENER, "[table.default]\nroutes = [{ match = 'a.test' }]"], "table.default.routes[0].backend", "required", id="backend-missing"),
     pytest.param([LISTENER, "[table.default]\nroutes = [{ match = 1, backend = 'a.test:1' }]"], "table.default.routes[0].match", "string", id="match-int"),
     pytest.param([LISTENER, "[table.default]\nfallback = 'b.test'"], "table.default.fallback", "missing port", id="fallback-no-port"),
-    pytest.param([LISTENER, "[table.default]\nfallback = ['b.test:1']"], "table.default.fallback", "string", id="fallback-array"),
+    pytest.param([LISTENER, "[table.default]\nfallback = [1]"], "table.default.fallback[0]", "string", id="fallback-array-of-int"),
     # route match forms
     pytest.param([LISTENER, routes(("", "b.test:1"))], "table.default.routes[0].match", "empty", id="match-empty"),
     pytest.param([LISTENER, routes(("a.test", "b.test:1"), ("~(unclosed", "b.test:1"))], "table.default.routes[1].match", "invalid regex", id="match-bad-regex"),
