@@ -87,6 +87,7 @@ def build_policies(config: Config) -> dict[str, Policy]:
             access_log=config.log.access_log,
             trusted_proxies=(tuple(ipaddress.ip_network(n) for n in listener.trusted)
                              if listener.accept_proxy_protocol else None),
+            protocol=listener.protocol,
         )
         for listener in config.listeners
     }
