@@ -7,7 +7,7 @@ Decisions a caller may need to know:
 
 * h11 parses the request line and the header fields (RFC 9112): anything it refuses is MALFORMED,
   including an HTTP/1.1 request without a Host header or with two of them (RFC 9112 3.2: a server
-  MUST answer 400). An HTTP/1.0 request may come without Host: `host` is then None.
+  MUST answer 400), and any version but 1.0 and 1.1 (h2c's prior-knowledge preface has no Host). An HTTP/1.0 request may come without Host: `host` is then None.
 * The routing name is the request-target's authority when the target is in absolute form
   ("GET http://a.test/ HTTP/1.1") or authority form (CONNECT), else the Host header (RFC 9112 3.2.2:
   the target's authority wins over Host). The port is stripped, the name is lower-cased and one
@@ -94,17 +94,38 @@ class RequestHeadReader:
         self._max_size = max_size
         # h11 refuses an incomplete head past this many buffered bytes; a complete one that arrived
         # whole is measured below.
-        self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_size)
+        self._conn: h11.Connection | None = h11.Connection(h11.SERVER, max_incomplete_event_size=max_size)
         self._fed = 0
         self._head: RequestHead | None = None
+        self._error: RequestHeadError | None = None
 
     def feed(self, data: bytes) -> NeedData | RequestHead:
+        """NEED_DATA until the head is complete, then the RequestHead (again for any later feed: those
+        bytes belong to the body or the next request). After an error, the same error again."""
         if self._head is not None:
-            return self._head  # later bytes belong to the body or the next request, not to us
-        self._fed += len(data)
-        self._conn.receive_data(bytes(data))
+            return self._head
+        if self._error is not None:
+            raise self._error
+        assert self._conn is not None
         try:
-            event = self._conn.next_event()
+            result = self._feed(self._conn, data)
+        except RequestHeadError as exc:
+            self._error, self._conn = exc, None  # nothing buffered is kept past the answer
+            raise
+        if isinstance(result, RequestHead):
+            self._head, self._conn = result, None
+        return result
+
+    @property
+    def buffered_size(self) -> int:
+        """Bytes held while the head is incomplete (0 once it is complete or refused)."""
+        return len(self._conn.trailing_data[0]) if self._conn is not None else 0
+
+    def _feed(self, conn: h11.Connection, data: bytes) -> NeedData | RequestHead:
+        self._fed += len(data)
+        conn.receive_data(bytes(data))
+        try:
+            event = conn.next_event()
         except h11.RemoteProtocolError as exc:
             if exc.error_status_hint == 431:
                 raise RequestHeadError(RequestHeadErrorReason.TOO_LARGE,
@@ -114,7 +135,11 @@ class RequestHeadReader:
             return NEED_DATA
         if not isinstance(event, h11.Request):  # h11 gives a server nothing else first
             raise RequestHeadError(RequestHeadErrorReason.MALFORMED, f"unexpected {type(event).__name__}")
-        size = self._fed - len(self._conn.trailing_data[0])
+        if event.http_version not in (b"1.0", b"1.1"):
+            # e.g. h2c's prior-knowledge preface ("PRI * HTTP/2.0"): it carries no Host to route on.
+            raise RequestHeadError(RequestHeadErrorReason.MALFORMED,
+                                   f"HTTP/{event.http_version.decode('ascii', 'replace')} is not HTTP/1.x")
+        size = self._fed - len(conn.trailing_data[0])
         if size > self._max_size:
             raise RequestHeadError(RequestHeadErrorReason.TOO_LARGE,
                                    f"request head is {size} bytes, more than {self._max_size}")
@@ -124,9 +149,8 @@ class RequestHeadReader:
         if authority is None:
             hosts = [value for name, value in event.headers if name == b"host"]
             authority = hosts[0] if hosts else b""
-        self._head = RequestHead(method, target, event.http_version.decode("ascii", "replace"),
-                                 _routing_name(authority), size)
-        return self._head
+        return RequestHead(method, target, event.http_version.decode("ascii", "replace"),
+                           _routing_name(authority), size)
 
 
 def _target_authority(method: str, target: str) -> bytes | None:
