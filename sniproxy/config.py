@@ -138,6 +138,9 @@ class LimitsConfig:
     max_connections_per_ip: int = 0  # 0: no per-address limit
     max_client_hello_size: int = 16384
     shutdown_grace: float = 30.0
+    # protocol = "http" listeners: the request head (request line and headers) instead of the hello
+    http_head_timeout: float = 5.0
+    max_http_head_size: int = 16384
 
 
 @dataclass(frozen=True)
@@ -194,12 +197,14 @@ class Config:
     source: str = "<string>"
 
 
-PROTOCOLS = ("tls",)
+PROTOCOLS = ("tls", "http")
 RESOLVER_MODES = ("ipv4_first", "ipv6_first", "ipv4_only", "ipv6_only")
 LOG_FORMATS = ("json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MIN_CLIENT_HELLO_SIZE = 512
 MAX_CLIENT_HELLO_SIZE = 1 << 24  # a handshake message length is 24 bits
+MIN_HTTP_HEAD_SIZE = 512
+MAX_HTTP_HEAD_SIZE = 1 << 20  # nginx's large_client_header_buffers tops out far below this
 
 # --------------------------------------------------------------------------------------------------
 # Hostnames and addresses
@@ -570,7 +575,8 @@ _RESOLVER_KEYS = (
 )  # fmt: skip
 _LIMITS_KEYS = (
     "client_hello_timeout", "connect_timeout", "idle_timeout", "max_connections",
-    "max_connections_per_ip", "max_client_hello_size", "shutdown_grace",
+    "max_connections_per_ip", "max_client_hello_size", "shutdown_grace", "http_head_timeout",
+    "max_http_head_size",
 )  # fmt: skip
 _LOG_KEYS = ("format", "level", "access_log")
 _SERVER_KEYS = ("workers",)
@@ -809,6 +815,10 @@ def _limits(data: object) -> LimitsConfig:
             "max_client_hello_size", 16384, MIN_CLIENT_HELLO_SIZE, MAX_CLIENT_HELLO_SIZE
         ),
         shutdown_grace=s.number("shutdown_grace", 30.0, positive=False),
+        http_head_timeout=s.number("http_head_timeout", 5.0, positive=True),
+        max_http_head_size=s.integer(
+            "max_http_head_size", 16384, MIN_HTTP_HEAD_SIZE, MAX_HTTP_HEAD_SIZE
+        ),
     )
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import structlog
 
-from sniproxy import proxy_protocol, tls
+from sniproxy import http_head, proxy_protocol, tls
 from sniproxy.balancer import Balancer
 from sniproxy.config import BackendAddress, LimitsConfig, UnixAddress
 from sniproxy.relay import Outcome, Relay, RelayResult
@@ -34,11 +34,15 @@ UNIX_COPY_REASON = "unix-socket backend: the kernel splice relays TCP sockets on
 _UNIX_COPY = Relay()
 
 _RECV_SIZE = 65536
+# After an HTTP error answer: how long and how much of the client's remaining request to read and drop.
+_LINGER_SECONDS = 2.0
+_LINGER_BYTES = 1 << 20
 
 
 class State(str, enum.Enum):
     ACCEPTED = "accepted"
     READING_HELLO = "reading_hello"
+    READING_HEAD = "reading_head"  # protocol = "http": the request line and headers
     ROUTING = "routing"
     RESOLVING = "resolving"
     CONNECTING = "connecting"
@@ -55,6 +59,7 @@ class Policy:
     access_log: bool = True
     # Set when the listener expects a PROXY header: the networks allowed to send one.
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None = None
+    protocol: str = "tls"  # the listener's: "tls" routes on the SNI, "http" on the Host header
 
 
 class _Rejected(Exception):
@@ -125,6 +130,7 @@ class Connection:
         self.state = State.ACCEPTED
         self.started = time.monotonic()
         self.hello: tls.ClientHello | None = None
+        self.head: http_head.RequestHead | None = None
         self.route: Route | None = None
         self.backend_address: Any = None  # (ip, port) of the connected backend, or "unix:/path"
         self.backend_host: str | None = None  # the host (name or IP) of the backend it served from
@@ -143,12 +149,19 @@ class Connection:
         if self.loop is None:
             self.loop = asyncio.get_running_loop()
         try:
-            self.hello = await self._read_hello()
-            self.state = State.ROUTING
-            self.route = self.policy.table.route(self.hello.sni, self.hello.alpn)
-            if self.route is None:
-                await self._send_alert(tls.AlertDescription.UNRECOGNIZED_NAME)
-                raise _Rejected("no_route", f"no route for sni {self.hello.sni!r}")
+            if self.policy.protocol == "http":
+                self.head = await self._read_head()
+                self.state = State.ROUTING
+                self.route = self.policy.table.route(self.head.host)
+                if self.route is None:
+                    await self._refuse_http_request()
+            else:
+                self.hello = await self._read_hello()
+                self.state = State.ROUTING
+                self.route = self.policy.table.route(self.hello.sni, self.hello.alpn)
+                if self.route is None:
+                    await self._send_alert(tls.AlertDescription.UNRECOGNIZED_NAME)
+                    raise _Rejected("no_route", f"no route for sni {self.hello.sni!r}")
             backend = await self._open_backend()
             self.state = State.RELAYING
             first = bytes(self.buffered)
@@ -218,6 +231,82 @@ class Connection:
             raise _Rejected("bad_client_hello", str(exc)) from None
         except ConnectionError as exc:
             raise _Rejected("client_reset", f"client reset before a complete ClientHello: {exc}") from None
+
+    async def _read_head(self) -> http_head.RequestHead:
+        """_read_hello's twin for plain HTTP: every byte read is kept for the backend, and bad input
+        is answered in HTTP (400, or 408 at the deadline) instead of a silent close."""
+        self.state = State.READING_HEAD
+        loop = self.loop
+        assert loop is not None and self.client is not None
+        client = self.client
+        limits = self.policy.limits
+        reader = http_head.RequestHeadReader(max_size=limits.max_http_head_size)
+        header_reader = self._proxy_header_reader()
+        deadline = loop.time() + limits.http_head_timeout
+        try:
+            while True:
+                try:
+                    data = client.recv(_RECV_SIZE)
+                except (BlockingIOError, InterruptedError):
+                    await _ready(loop, client.fileno(), False, deadline)
+                    continue
+                if not data:
+                    raise _Rejected("client_closed", "client closed before a complete request head")
+                if header_reader is not None:
+                    data = self._feed_proxy_header(header_reader, data)
+                    if data is None:
+                        continue
+                    header_reader = None
+                self.buffered += data
+                result = reader.feed(data)
+                if isinstance(result, http_head.RequestHead):
+                    return result
+        except TimeoutError:
+            await self._send_http_error(408, "no complete request head before the deadline")
+            raise _Rejected("head_timeout", "no complete request head before the deadline") from None
+        except http_head.RequestHeadError as exc:
+            await self._send_http_error(exc.status, f"bad request: {exc}")
+            raise _Rejected("bad_request", str(exc)) from None
+        except ConnectionError as exc:
+            raise _Rejected("client_reset", f"client reset before a complete request head: {exc}") from None
+
+    async def _refuse_http_request(self) -> None:
+        assert self.head is not None
+        if self.head.host is None:
+            await self._send_http_error(400, "bad request: no Host name to route on")
+            raise _Rejected("no_host", "request names no host, and the table has no fallback")
+        await self._send_http_error(503, f"no route for host {self.head.host}")
+        raise _Rejected("no_route", f"no route for host {self.head.host!r}")
+
+    async def _send_http_error(self, status: int, message: str) -> None:
+        """Answer, then close gracefully: stop sending, and read (and drop) what the client still
+        sends for a moment, or closing with unread bytes would reset the connection and the client
+        could lose the answer before reading it."""
+        client = self.client
+        if client is None or self.loop is None:
+            return
+        try:
+            # A few hundred bytes: they fit in the empty send buffer of a fresh connection.
+            client.send(http_head.error_response(status, message))
+            client.shutdown(socket.SHUT_WR)
+        except OSError:
+            return
+        deadline = self.loop.time() + _LINGER_SECONDS
+        drained = 0
+        while drained < _LINGER_BYTES:
+            try:
+                data = client.recv(_RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                try:
+                    await _ready(self.loop, client.fileno(), False, deadline)
+                except TimeoutError:
+                    return
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            drained += len(data)
 
     def _proxy_header_reader(self) -> proxy_protocol.ProxyHeaderReader | None:
         trusted = self.policy.trusted_proxies
@@ -389,7 +478,9 @@ class Connection:
         event: dict[str, Any] = {
             "client": peer_text(self.client_address),
             "listener": self.listener,
-            "sni": hello.sni if hello else None,
+            "protocol": self.policy.protocol,
+            # The name routed on: the TLS SNI, or on an http listener the Host (or target authority).
+            "sni": hello.sni if hello else (self.head.host if self.head else None),
             "alpn": list(hello.alpn) if hello else [],
             "route": self.route.rule if self.route else None,
             "backend_host": self.backend_host,

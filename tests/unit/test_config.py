@@ -253,7 +253,11 @@ ERROR_CASES = [
     pytest.param(["[[listener]]\nbind = '[::1]'", TABLE], "listener[0].bind", "port", id="bind-v6-no-port"),
     pytest.param(["[[listener]]\nbind = '[1.2.3.4]:1'", TABLE], "listener[0].bind", "IPv6", id="bind-v4-in-brackets"),
     pytest.param(["[[listener]]\nbind = '[::1:443'", TABLE], "listener[0].bind", "]", id="bind-unclosed"),
-    pytest.param([LISTENER + "protocol = 'http'\n", TABLE], "listener[0].protocol", "tls", id="protocol"),
+    pytest.param([LISTENER + "protocol = 'udp'\n", TABLE], "listener[0].protocol", "one of tls, http", id="protocol"),
+    pytest.param([MINIMAL, "[limits]\nhttp_head_timeout = 0"], "limits.http_head_timeout", "> 0", id="http-head-timeout-zero"),
+    pytest.param([MINIMAL, "[limits]\nhttp_head_timeout = 'x'"], "limits.http_head_timeout", "number", id="http-head-timeout-str"),
+    pytest.param([MINIMAL, "[limits]\nmax_http_head_size = 100"], "limits.max_http_head_size", "between 512 and 1048576", id="http-head-size-small"),
+    pytest.param([MINIMAL, "[limits]\nmax_http_head_size = 2000000"], "limits.max_http_head_size", "between", id="http-head-size-big"),
     pytest.param([LISTENER + "protocol = true\n", TABLE], "listener[0].protocol", "string", id="protocol-bool"),
     pytest.param(["[[listener]]\nbind = '127.0.0.1:1'\ntable = 'nope'", TABLE], "listener[0].table", "no table named 'nope'", id="table-missing"),
     pytest.param(["[[listener]]\nbind = '127.0.0.1:1'"], "listener[0].table", "no table named 'default'", id="no-tables"),
@@ -524,3 +528,18 @@ def test_hardening_key_errors_name_the_key(old, new, key_path):
     with pytest.raises(ConfigError) as info:
         parse_config(HARDENED.replace(old, new))
     assert info.value.key_path == key_path
+
+
+# -- http listeners (issue 16) ----------------------------------------------------------------------
+
+
+def test_http_listener_and_head_limits_parse():
+    config = cfg(LISTENER + 'protocol = "http"\n', TABLE,
+                 "[limits]\nhttp_head_timeout = 2.5\nmax_http_head_size = 8192\n")
+    assert config.listeners[0].protocol == "http"
+    assert (config.limits.http_head_timeout, config.limits.max_http_head_size) == (2.5, 8192)
+
+
+def test_http_head_limits_default():
+    config = cfg(MINIMAL)
+    assert (config.limits.http_head_timeout, config.limits.max_http_head_size) == (5.0, 16384)
