@@ -15,7 +15,7 @@ from typing import Any
 
 import structlog
 
-from sniproxy import proxy_protocol, tls
+from sniproxy import metrics, proxy_protocol, tls
 from sniproxy.config import LimitsConfig
 from sniproxy.relay import Outcome, Relay, RelayResult
 from sniproxy.resolver import ResolveError, Resolver
@@ -110,14 +110,24 @@ class Connection:
         self.relay = relay
         # Passed in by the server: on Python 3.11 every get_running_loop() is a getpid() system call.
         self.loop = loop
-        self.state = State.ACCEPTED
         self.started = time.monotonic()
+        self.entered: dict[str, float] = {}  # State value -> when it began (for the phase metrics)
+        self.state = State.ACCEPTED
         self.hello: tls.ClientHello | None = None
         self.route: Route | None = None
         self.backend_address: Any = None
         self.via: Any = None  # the load balancer's address, when a PROXY header named the client
         self.proxy_destination: Any = None
         self.buffered = bytearray()
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @state.setter
+    def state(self, state: State) -> None:
+        self._state = state
+        self.entered[state.value] = time.monotonic()
 
     async def handle(self) -> None:
         outcome = "error"
@@ -126,6 +136,7 @@ class Connection:
         backend: socket.socket | None = None
         if self.loop is None:
             self.loop = asyncio.get_running_loop()
+        metrics.connection_opened(self.listener)
         try:
             self.hello = await self._read_hello()
             self.state = State.ROUTING
@@ -170,6 +181,7 @@ class Connection:
                     sock.close()
             self._log(outcome, reason, result)
             self.state = State.CLOSED
+            metrics.connection_closed(self, outcome, result, self.entered["closed"])
 
     async def _read_hello(self) -> tls.ClientHello:
         self.state = State.READING_HELLO

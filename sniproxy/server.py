@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from sniproxy import metrics
 from sniproxy.config import Config, ConfigError, ListenerConfig, load_config
 from sniproxy.connection import Connection, Policy, access_log, peer_text
 from sniproxy.dataplane import DataPlaneError, XdpGate
@@ -190,6 +191,7 @@ class Server:
                     self._reload.clear()
                     self.notifier.reloading()
                     self._last_reload_ok = self.reload()
+                    metrics.reload_done(self._last_reload_ok)
                     self.notifier.ready(self.status_line())
         finally:
             self.notifier.stopping(f"stopping: draining {len(self._connections)} connection(s)")
@@ -223,6 +225,9 @@ class Server:
                         reason="listener changes need a restart; routes and limits were reloaded")
             config = _with_listeners(config, self.config.listeners)
             policies = build_policies(config)
+        if config.metrics != self.config.metrics:
+            log.warning("reload_metrics_unchanged", reason="[metrics] needs a restart")
+            config = dataclasses.replace(config, metrics=self.config.metrics)
         built = self._reload_resolver(config)
         if built is None:
             return False
@@ -397,6 +402,7 @@ class Server:
             # Closed before reading a byte: shedding load must cost next to nothing.
             self.rejected_over_limit += 1
             client.close()
+            metrics.connection_rejected(entry.name, outcome)
             if policy.access_log:
                 access_log.info("access", client=peer_text(address),
                                 listener=entry.name, outcome=outcome, state="accepted",

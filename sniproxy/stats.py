@@ -166,6 +166,34 @@ def collect(pin_dir: str, top: int = 10) -> dict[str, Any]:
     }
 
 
+def kernel_counters(pin_dir: str) -> dict[str, Any]:
+    """The cheap part of collect(), for a metrics scrape: traffic_stats totals, the sockets in
+    sock_map, and the pairs conn_stats tracks. No sock_diag dump, nothing per connection kept."""
+    fds: list[int] = []
+    try:
+        traffic_fd = _open(pin_dir, "traffic_stats", ct.sizeof(maps.TrafficStats))
+        fds.append(traffic_fd)
+        conn_fd = _open(pin_dir, "conn_stats", ct.sizeof(maps.ConnStats))
+        fds.append(conn_fd)
+        sock_fd = _open(pin_dir, "sock_map", None)
+        fds.append(sock_fd)
+        traffic = maps.read_traffic(traffic_fd).as_dict()
+        peers: dict[int, int] = {}
+        for cookie in maps.keys_u64(conn_fd):
+            value = maps.ConnStats()
+            if maps.lookup(conn_fd, ct.c_uint64(cookie), value):  # else: removed while we read
+                peers[cookie] = value.peer
+        sockets = len(maps.keys_u64(sock_fd))
+    except OSError as exc:
+        raise StatsError(f"reading the maps under {pin_dir} failed: {exc}") from None
+    finally:
+        for fd in fds:
+            os.close(fd)
+    # A pair is two entries naming each other; a side whose peer is gone still counts as one.
+    pairs = sum(1 for cookie, peer in peers.items() if peer not in peers or cookie < peer)
+    return {"traffic": traffic, "sockets": sockets, "pairs": pairs}
+
+
 def _size(n: int | None) -> str:
     if n is None:
         return "-"
