@@ -39,7 +39,6 @@ if TYPE_CHECKING:
     from sniproxy.config import Address
     from sniproxy.connection import Connection
     from sniproxy.dataplane import XdpGate
-    from sniproxy.dnscache import DnsCache
     from sniproxy.relay import RelayResult
 
 log = structlog.get_logger("sniproxy.metrics")
@@ -84,7 +83,8 @@ class _Metrics:
             "(hit) or a query was needed (miss).", ["result"], registry=registry)
         self.dns_memory_entries = Gauge(
             "sniproxy_dns_cache_memory_entries", "Names in the in-process DNS caches ([resolver] "
-            "kernel_cache off or unavailable), as of each process's latest lookup.",
+            "kernel_cache off or unavailable; one per worker), as of each one's latest closed "
+            "connection.",
             registry=registry, multiprocess_mode="livesum")
         self.reloads = Counter(
             "sniproxy_reloads", "Configuration reloads (SIGHUP) by result; each worker process "
@@ -180,6 +180,9 @@ def connection_closed(conn: Connection, outcome: str, result: RelayResult | None
         ended = entered.get(end)
         if begun is not None and ended is not None:
             m.phase.labels(phase).observe(ended - begun)
+    cache = conn.resolver.cache
+    if cache.kind == "memory":  # this process's own cache; the kernel one is read at scrape time
+        m.dns_memory_entries.set(len(cache))  # type: ignore[arg-type]
     if result is not None:
         mode = RELAY_MODE_LABELS.get(result.mode, result.mode)
         m.relayed.labels(mode).inc()
@@ -193,13 +196,9 @@ def connection_rejected(listener: str, outcome: str) -> None:
         _metrics.connections.labels(listener, outcome).inc()
 
 
-def dns_lookup(hit: bool, cache: DnsCache) -> None:
-    m = _metrics
-    if m is None:
-        return
-    m.dns_lookups.labels("hit" if hit else "miss").inc()
-    if cache.kind == "memory":
-        m.dns_memory_entries.set(len(cache))  # type: ignore[arg-type]
+def dns_lookup(hit: bool) -> None:
+    if _metrics is not None:
+        _metrics.dns_lookups.labels("hit" if hit else "miss").inc()
 
 
 def reload_done(ok: bool) -> None:

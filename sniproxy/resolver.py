@@ -142,9 +142,9 @@ class Resolver:
         name = host.lower().rstrip(".")
         cached = self._cache.get(name)
         if cached is not None and cached.answers(self._config.mode):
-            metrics.dns_lookup(True, self._cache)
+            metrics.dns_lookup(True)
             return self._addresses(name, cached, cached=True)
-        metrics.dns_lookup(False, self._cache)
+        metrics.dns_lookup(False)
         # Single-flight: concurrent lookups of one name share one query, owned by the resolver so a
         # cancelled caller does not cancel it for the others.
         task = self._inflight.get(name)
