@@ -17,11 +17,12 @@ quiet_packages=(prometheus)
 bench_packages=(nginx libnginx-mod-stream haproxy sniproxy)
 # bench/xdp_drop.py: the same allow-list as nftables rules, and trafgen (netsniff-ng) for the SYN flood.
 bench_packages+=(nftables netsniff-ng)
-bench=0
+bench=0 docs=0
 case "${1:-}" in
   --bench) bench=1; apt_packages+=("${bench_packages[@]}") ;;
+  --docs) docs=1 ;;
   "") ;;
-  *) printf 'usage: %s [--bench]\n' "$0" >&2; exit 2 ;;
+  *) printf 'usage: %s [--bench | --docs]\n' "$0" >&2; exit 2 ;;
 esac
 
 log() { printf 'setup: %s\n' "$*" >&2; }
@@ -123,10 +124,23 @@ bench_venv() {
   echo "$want" > "$stamp"
 }
 
+# The docs extra (matplotlib for docs/dashboard.png) only for `make dashboard-png`.
+docs_venv() {
+  local stamp="$venv/.docs-stamp" want
+  want=$(cat "$top/pyproject.toml" | sha256sum | cut -d' ' -f1)
+  [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && return 0
+  log "installing the docs extra into $venv"
+  "$venv/bin/python" -m pip install -q -e "$top[test,docs]"
+  echo "$want" > "$stamp"
+}
+
 install_packages
 disable_packaged_prometheus
 link_kernel_headers
 make_venv
+if [ "$docs" = 1 ]; then
+  docs_venv
+fi
 if [ "$bench" = 1 ]; then
   bench_venv
   check_no_peer_listening

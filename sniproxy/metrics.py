@@ -49,7 +49,21 @@ RELAY_MODE_LABELS = {"copy": "copy", "splice": "kernel", "kernel": "kernel", "sh
 # Phases a connection goes through before relaying (State names in sniproxy.connection).
 PHASES = ("hello", "resolve", "connect")
 _PHASE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-_DURATION_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
+_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+                     900.0, 3600.0)
+
+
+class _Children(dict):  # type: ignore[type-arg]
+    """A metric's labelled children by label values, resolved once: labels() validates and locks on
+    every call, which was most of a connection's metrics cost (bench/metrics_hooks.py)."""
+
+    def __init__(self, metric: Any) -> None:
+        super().__init__()
+        self.metric = metric
+
+    def __missing__(self, key: Any) -> Any:
+        child = self[key] = self.metric.labels(*key) if isinstance(key, tuple) else self.metric.labels(key)
+        return child
 
 
 class _Metrics:
@@ -102,6 +116,12 @@ class _Metrics:
             self.reloads.labels(outcome)
         for result in ("hit", "miss"):
             self.dns_lookups.labels(result)
+        self.active_by = _Children(self.active)
+        self.connections_by = _Children(self.connections)
+        self.relayed_by = _Children(self.relayed)
+        self.bytes_by = _Children(self.bytes)
+        self.phase_by = _Children(self.phase)
+        self.dns_by = _Children(self.dns_lookups)
 
 
 _metrics: _Metrics | None = None
@@ -160,7 +180,7 @@ def shutdown() -> None:
 
 def connection_opened(listener: str) -> None:
     if _metrics is not None:
-        _metrics.active.labels(listener).inc()
+        _metrics.active_by[listener].inc()
 
 
 def connection_closed(conn: Connection, outcome: str, result: RelayResult | None, now: float) -> None:
@@ -169,36 +189,39 @@ def connection_closed(conn: Connection, outcome: str, result: RelayResult | None
     m = _metrics
     if m is None:
         return
-    m.active.labels(conn.listener).dec()
-    m.connections.labels(conn.listener, outcome).inc()
+    m.active_by[conn.listener].dec()
+    m.connections_by[(conn.listener, outcome)].inc()
     m.duration.observe(now - conn.started)
     entered = conn.entered
     # hello: accept -> routing; resolve: resolving -> connecting; connect: connecting -> relaying.
-    for phase, start, end in (("hello", None, "routing"), ("resolve", "resolving", "connecting"),
-                              ("connect", "connecting", "relaying")):
-        begun = conn.started if start is None else entered.get(start)
-        ended = entered.get(end)
-        if begun is not None and ended is not None:
-            m.phase.labels(phase).observe(ended - begun)
+    routing = entered.get("routing")
+    if routing is not None:
+        m.phase_by["hello"].observe(routing - conn.started)
+        connecting = entered.get("connecting")
+        if connecting is not None:
+            m.phase_by["resolve"].observe(connecting - entered["resolving"])
+            relaying = entered.get("relaying")
+            if relaying is not None:
+                m.phase_by["connect"].observe(relaying - connecting)
     cache = conn.resolver.cache
     if cache.kind == "memory":  # this process's own cache; the kernel one is read at scrape time
         m.dns_memory_entries.set(len(cache))  # type: ignore[arg-type]
     if result is not None:
         mode = RELAY_MODE_LABELS.get(result.mode, result.mode)
-        m.relayed.labels(mode).inc()
-        m.bytes.labels("up", mode).inc(result.bytes_up)
-        m.bytes.labels("down", mode).inc(result.bytes_down)
+        m.relayed_by[mode].inc()
+        m.bytes_by[("up", mode)].inc(result.bytes_up)
+        m.bytes_by[("down", mode)].inc(result.bytes_down)
 
 
 def connection_rejected(listener: str, outcome: str) -> None:
     """A connection closed at accept (over a limit): never opened, counted by outcome."""
     if _metrics is not None:
-        _metrics.connections.labels(listener, outcome).inc()
+        _metrics.connections_by[(listener, outcome)].inc()
 
 
 def dns_lookup(hit: bool) -> None:
     if _metrics is not None:
-        _metrics.dns_lookups.labels("hit" if hit else "miss").inc()
+        _metrics.dns_by["hit" if hit else "miss"].inc()
 
 
 def reload_done(ok: bool) -> None:

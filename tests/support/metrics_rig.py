@@ -125,13 +125,16 @@ class MetricsRig:
     # -- traffic ------------------------------------------------------------------------------------
 
     def _client(self, up: int, down: int, seed: int) -> None:
+        # Built before connecting: making a ClientHello loads the CA store, which must not count in
+        # the proxy's hello-read phase.
+        first = real_client_hello(SNI) + f"{down} {seed}\n".encode()
         with netns(self.ns):
             sock = socket.socket()
         with sock:
             sock.settimeout(30)
             sock.bind((self.client_ip, 0))
             sock.connect((self.proxy_ip, self.port))
-            sock.sendall(real_client_hello(SNI) + f"{down} {seed}\n".encode())
+            sock.sendall(first)
             for chunk in pattern_chunks(up, seed + 1):
                 sock.sendall(chunk)
             sock.shutdown(socket.SHUT_WR)
@@ -173,11 +176,15 @@ class MetricsRig:
                 self.denied_attempts += 1
             self._stop.wait(1.0)
 
-    def start_traffic(self, clients: int = 3, pace: float = 0.3) -> None:
-        self._traffic = [threading.Thread(target=self._run_clients, args=(i + 1, pace), daemon=True)
-                         for i in range(clients)]
-        self._traffic.append(threading.Thread(target=self._run_denied, daemon=True))
-        for t in self._traffic:
+    def start_traffic(self, clients: int = 3, pace: float = 0.3, denied: bool = True) -> None:
+        """`clients` more client loops (and, with `denied`, a loop of denied connects)."""
+        first = len(self._traffic)
+        added = [threading.Thread(target=self._run_clients, args=(first + i + 1, pace), daemon=True)
+                 for i in range(clients)]
+        if denied:
+            added.append(threading.Thread(target=self._run_denied, daemon=True))
+        self._traffic += added
+        for t in added:
             t.start()
 
     def stop_traffic(self) -> None:
