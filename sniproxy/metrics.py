@@ -240,7 +240,8 @@ def process_gone(pid: int) -> None:
     if _multiprocess_dir is not None and os.getpid() == _owner_pid:
         from prometheus_client import multiprocess
 
-        multiprocess.mark_process_dead(pid, _multiprocess_dir)
+        with _scrape_lock:  # a scrape listing the files must not find one gone when it opens it
+            multiprocess.mark_process_dead(pid, _multiprocess_dir)
 
 
 # --------------------------------------------------------------------------------------------------
