@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import sys
 from typing import TYPE_CHECKING
@@ -100,7 +101,8 @@ def _run_one(config: Config) -> int:
             # finish a handshake into the accept queue in between.
             ports = [listener.bind.port for listener in config.listeners]
             with open_xdp(config.xdp, config.ebpf.pin_dir, ports) as xdp, \
-                    open_dns_cache(config.ebpf, config.resolver) as dns_cache:
+                    open_dns_cache(config.ebpf, config.resolver) as dns_cache, \
+                    _metrics(config, relay, xdp, dns_cache, 1):
                 resolver = Resolver(config.resolver, dns_cache)
                 server = Server(config, relay=relay, xdp=xdp, resolver=resolver,
                                 notifier=Notifier.from_environ())
@@ -128,7 +130,8 @@ def _run_workers(config: Config, workers: int) -> int:
         with open_relay(config.ebpf) as relay:
             ports = [listener.bind.port for listener in config.listeners]
             with open_xdp(config.xdp, config.ebpf.pin_dir, ports) as xdp, \
-                    open_dns_cache(config.ebpf, config.resolver) as dns_cache:
+                    open_dns_cache(config.ebpf, config.resolver) as dns_cache, \
+                    _metrics(config, relay, xdp, dns_cache, workers):
                 sockets = WorkerSockets(config.listeners, workers)
                 # What a worker started from now on serves: the last file whose listeners were bound.
                 current = [config]
@@ -202,6 +205,20 @@ def _serve_worker(config: Config, relay: Relay, xdp: XdpGate | None, dns_cache: 
 
     uvloop.run(main())
     return 0
+
+
+def _metrics(config: Config, relay: Relay, xdp: XdpGate | None, dns_cache: DnsCache,
+             workers: int) -> contextlib.AbstractContextManager[object]:
+    """The /metrics endpoint ([metrics] bind) for the block, in this process: the one holding the
+    kernel objects, and the workers' supervisor."""
+    from sniproxy import metrics
+
+    sources = metrics.KernelSources(
+        relay_mode=relay.mode,
+        splice_pin_dir=config.ebpf.pin_dir if relay.mode == "splice" else None,
+        dns_pin_dir=config.ebpf.pin_dir if dns_cache.kind == "kernel" else None,
+        xdp=xdp)
+    return metrics.serving(config.metrics.bind, workers, sources)
 
 
 def _drop_privileges() -> None:

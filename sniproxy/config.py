@@ -184,6 +184,11 @@ class XdpConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    bind: Address | None = None  # where /metrics is served; None: no endpoint, no metrics kept
+
+
+@dataclass(frozen=True)
 class Config:
     listeners: tuple[ListenerConfig, ...]
     tables: Mapping[str, TableConfig]  # read-only (MappingProxyType), in file order
@@ -194,6 +199,7 @@ class Config:
     backends: BackendsConfig = field(default_factory=BackendsConfig)
     ebpf: EbpfConfig = field(default_factory=EbpfConfig)
     xdp: XdpConfig = field(default_factory=XdpConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: str = "<string>"
 
 
@@ -562,7 +568,7 @@ def _address(value: object, key_path: str, *, default_port: int | None = None) -
         raise ConfigError(key_path, str(e)) from None
 
 
-_TOP_KEYS = ("listener", "table", "resolver", "limits", "log", "server", "backends", "ebpf", "xdp")
+_TOP_KEYS = ("listener", "table", "resolver", "limits", "log", "server", "backends", "ebpf", "xdp", "metrics")
 _LISTENER_KEYS = ("bind", "protocol", "table", "accept_proxy_protocol", "trusted")
 _TABLE_KEYS = ("routes", "fallback", "allow_private_backends")
 _ROUTE_KEYS = ("match", "backend", "alpn", "proxy_protocol")
@@ -584,6 +590,7 @@ _SERVER_KEYS = ("workers",)
 MAX_WORKERS = 16
 _EBPF_KEYS = ("splice", "pin_dir", "splice_after")
 _XDP_KEYS = ("enabled", "interfaces", "mode", "allow")
+_METRICS_KEYS = ("bind",)
 XDP_MODES = ("auto", "native", "generic")
 XDP_MAX_ALLOW = 16384  # ebpf/xdp_filter.h XDP_MAX_ALLOW
 _IFNAME_RE = re.compile(r"[^\s/:]{1,15}", re.ASCII)  # Linux IFNAMSIZ - 1, no '/', ':' or spaces
@@ -906,6 +913,19 @@ def _xdp(data: object) -> XdpConfig:
                      mode=s.string("mode", "auto", choices=XDP_MODES), allow=tuple(allow))
 
 
+def _metrics(data: object, binds: Mapping[Address, int]) -> MetricsConfig:
+    s = _Section(data, "metrics")
+    s.check_keys(_METRICS_KEYS)
+    if "bind" not in s.data:
+        return MetricsConfig()
+    bind = _address(s.string("bind"), "metrics.bind")
+    if _ip_literal(bind.host) is None:
+        raise ConfigError("metrics.bind", f"must be an IP address, got host {bind.host!r}")
+    if bind in binds:
+        raise ConfigError("metrics.bind", f"{bind} is already bound by listener[{binds[bind]}]")
+    return MetricsConfig(bind=bind)
+
+
 def _build(doc: dict[str, Any], source: str) -> Config:
     top = _Section(doc, "")
     top.check_keys(_TOP_KEYS)
@@ -942,6 +962,7 @@ def _build(doc: dict[str, Any], source: str) -> Config:
         backends=_backends_section(top.get("backends", {})),
         ebpf=_ebpf(top.get("ebpf", {})),
         xdp=_xdp(top.get("xdp", {})),
+        metrics=_metrics(top.get("metrics", {}), binds),
         source=source,
     )
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import structlog
 
-from sniproxy import http_head, proxy_protocol, tls
+from sniproxy import http_head, metrics, proxy_protocol, tls
 from sniproxy.balancer import Balancer
 from sniproxy.config import BackendAddress, LimitsConfig, UnixAddress
 from sniproxy.relay import Outcome, Relay, RelayResult
@@ -127,8 +127,9 @@ class Connection:
         self.balancer = balancer  # the choice among a route's backends (None: config order)
         # Passed in by the server: on Python 3.11 every get_running_loop() is a getpid() system call.
         self.loop = loop
-        self.state = State.ACCEPTED
         self.started = time.monotonic()
+        self.entered: dict[str, float] = {}  # State value -> when it began (for the phase metrics)
+        self.state = State.ACCEPTED
         self.hello: tls.ClientHello | None = None
         self.head: http_head.RequestHead | None = None
         self.route: Route | None = None
@@ -141,6 +142,15 @@ class Connection:
         self.proxy_destination: Any = None
         self.buffered = bytearray()
 
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @state.setter
+    def state(self, state: State) -> None:
+        self._state = state
+        self.entered[state.value] = time.monotonic()
+
     async def handle(self) -> None:
         outcome = "error"
         reason: str | None = None
@@ -148,6 +158,7 @@ class Connection:
         backend: socket.socket | None = None
         if self.loop is None:
             self.loop = asyncio.get_running_loop()
+        metrics.connection_opened(self.listener)
         try:
             if self.policy.protocol == "http":
                 self.head = await self._read_head()
@@ -192,6 +203,7 @@ class Connection:
                 self.balancer.released(self._balanced)
             self._log(outcome, reason, result)
             self.state = State.CLOSED
+            metrics.connection_closed(self, outcome, result, self.entered["closed"])
 
     async def _read_hello(self) -> tls.ClientHello:
         self.state = State.READING_HELLO

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from sniproxy import metrics
 from sniproxy.balancer import Balancer
 from sniproxy.config import Config, ConfigError, ListenerConfig, load_config
 from sniproxy.connection import Connection, Policy, access_log, peer_text
@@ -159,6 +160,7 @@ class Server:
                     self._reload.clear()
                     self.notifier.reloading()
                     self._last_reload_ok = self.reload()
+                    metrics.reload_done(self._last_reload_ok)
                     self.notifier.ready(self.status_line())
         finally:
             self.notifier.stopping(f"stopping: draining {len(self._connections)} connection(s)")
@@ -195,6 +197,9 @@ class Server:
         except ListenerError as exc:
             log.error("reload_failed", error=str(exc), kept="previous configuration")
             return False
+        if config.metrics != self.config.metrics:
+            log.warning("reload_metrics_unchanged", reason="[metrics] needs a restart")
+            config = dataclasses.replace(config, metrics=self.config.metrics)
         built = self._reload_resolver(config)
         if built is None:
             for sock in sockets:
@@ -397,6 +402,7 @@ class Server:
             # Closed before reading a byte: shedding load must cost next to nothing.
             self.rejected_over_limit += 1
             client.close()
+            metrics.connection_rejected(entry.name, outcome)
             if policy.access_log:
                 access_log.info("access", client=peer_text(address),
                                 listener=entry.name, outcome=outcome, state="accepted",

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from sniproxy import metrics
 from sniproxy.config import MAX_WORKERS
 from sniproxy.listeners import WorkerSockets, offer
 from sniproxy.systemd import Notifier
@@ -206,6 +207,7 @@ class Supervisor:
                 if worker.restart_at is not None and now >= worker.restart_at:
                     worker.restart_at = None
                     worker.restarts += 1
+                    metrics.worker_restarted()
                     self._spawn(worker)
                     log.info("worker_restarted", worker=worker.index, pid=worker.pid, restarts=worker.restarts)
 
@@ -336,6 +338,7 @@ class Supervisor:
             except ChildProcessError:
                 pid, status = worker.pid, 0
             if pid:
+                metrics.process_gone(worker.pid)
                 worker.pid = 0
                 worker.ready = False
                 dead.append((worker, status))

@@ -98,6 +98,14 @@ def test_defaults_applied():
     assert config.tables["default"].fallback is None
 
 
+def test_metrics_off_unless_bound():
+    from sniproxy.config import Address
+
+    assert cfg(MINIMAL).metrics.bind is None
+    assert cfg(MINIMAL, "[metrics]").metrics.bind is None
+    assert cfg(MINIMAL, "[metrics]\nbind = '[::1]:9180'").metrics.bind == Address("::1", 9180)
+
+
 @pytest.mark.parametrize("text, expected", [("workers = 'auto'", "auto"), ("workers = 3", 3)])
 def test_workers_setting(text, expected):
     assert cfg(MINIMAL, "[server]\n" + text).server.workers == expected
@@ -347,6 +355,11 @@ ERROR_CASES = [
     pytest.param([MINIMAL, "[server]\nworkers = 'all'"], "server.workers", '"auto"', id="workers-word"),
     pytest.param([MINIMAL, "[server]\nworkers = 2.0"], "server.workers", "integer", id="workers-float"),
     pytest.param([MINIMAL, "[server]\nthreads = 2"], "server.threads", "unknown", id="server-unknown-key"),
+    pytest.param([MINIMAL, "[metrics]\nport = 9180"], "metrics.port", "unknown", id="metrics-unknown-key"),
+    pytest.param([MINIMAL, "[metrics]\nbind = 9180"], "metrics.bind", "string", id="metrics-bind-int"),
+    pytest.param([MINIMAL, "[metrics]\nbind = 'localhost:9180'"], "metrics.bind", "IP address", id="metrics-bind-hostname"),
+    pytest.param([MINIMAL, "[metrics]\nbind = '127.0.0.1'"], "metrics.bind", "port", id="metrics-bind-no-port"),
+    pytest.param([MINIMAL, "[metrics]\nbind = '127.0.0.1:8443'"], "metrics.bind", "listener[0]", id="metrics-bind-listener"),
 ]
 
 
