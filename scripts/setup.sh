@@ -60,6 +60,16 @@ check_no_peer_listening() {
   exit 1
 }
 
+# The proxy's processes run as this user once set up ([server] user, docs/operations.md): a system
+# user and group, no home, no login shell. Same in scripts/install.sh.
+ensure_system_user() {
+  getent passwd sniproxy >/dev/null && return 0
+  [ "$(id -u)" = 0 ] || { log "no 'sniproxy' user; run this as root once to create it"; return 0; }
+  adduser --system --group --no-create-home --home /nonexistent --shell /usr/sbin/nologin \
+    --quiet sniproxy
+  log "created system user sniproxy"
+}
+
 # BCC compiles against /lib/modules/$(uname -r)/{build,source}. No Debian package matches this VM's
 # kernel, so point them at the newest Debian headers; that is enough for networking programs.
 link_kernel_headers() {
@@ -101,6 +111,7 @@ bench_venv() {
 
 install_packages
 link_kernel_headers
+ensure_system_user
 make_venv
 if [ "$bench" = 1 ]; then
   bench_venv
