@@ -23,6 +23,17 @@ from sniproxy.routing import Route, RouteTable
 
 access_log = structlog.get_logger("sniproxy.access")
 
+# The access event's level by outcome (it becomes the journal priority, docs/operations.md): error when
+# the proxy could not serve a client it should have (what `journalctl -p err` must show), warning when
+# a policy turned it away or the backend cut it; the rest (normal ends, client-side faults) info.
+_ERROR_OUTCOMES = frozenset({"connect_failed", "resolve_failed", "internal_error"})
+_WARNING_OUTCOMES = frozenset({"backend_refused", "backend_reset", "over_limit", "over_limit_per_ip",
+                               "proxy_protocol_untrusted"})
+
+
+def access_level(outcome: str) -> str:
+    return "error" if outcome in _ERROR_OUTCOMES else "warning" if outcome in _WARNING_OUTCOMES else "info"
+
 _RECV_SIZE = 65536
 
 
@@ -316,4 +327,4 @@ class Connection:
             event["reason"] = reason
         if result and result.fallback_reason:
             event["splice_fallback"] = result.fallback_reason
-        access_log.info("access", **event)
+        getattr(access_log, access_level(outcome))("access", **event)

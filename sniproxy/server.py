@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from sniproxy.config import Config, ConfigError, ListenerConfig, load_config
-from sniproxy.connection import Connection, Policy, access_log, peer_text
+from sniproxy.connection import Connection, Policy, access_level, access_log, peer_text
 from sniproxy.dataplane import DataPlaneError, XdpGate
 from sniproxy.relay import CopyRelay, Relay
 from sniproxy.resolver import Resolver
@@ -120,7 +120,7 @@ class Server:
         self._reload = asyncio.Event()
         self.rejected_over_limit = 0
         self.accepted = 0
-        self._last_reload_ok = True
+        self.last_reload_error: str | None = None  # why the last reload was rejected; None: it was not
         self._heartbeat: asyncio.TimerHandle | None = None
         if self.resolver is None:
             self.resolver = Resolver(self.config.resolver)
@@ -189,7 +189,8 @@ class Server:
                 if self._reload.is_set() and not self._stop.is_set():
                     self._reload.clear()
                     self.notifier.reloading()
-                    self._last_reload_ok = self.reload()
+                    self.reload()
+                    self.notifier.reloaded(self.last_reload_error)
                     self.notifier.ready(self.status_line())
         finally:
             self.notifier.stopping(f"stopping: draining {len(self._connections)} connection(s)")
@@ -205,20 +206,29 @@ class Server:
                     self._heartbeat = None
 
     def reload(self) -> bool:
-        """Re-read the config file; new connections use it, established ones keep what they had."""
+        """Re-read the config file; new connections use it, established ones keep what they had.
+        False (and last_reload_error says why) when the file was rejected."""
+        ok = self._reload_file()
+        if ok:
+            self.last_reload_error = None
+        return ok
+
+    def _rejected(self, error: str) -> bool:
+        log.error("reload_failed", error=error, kept="previous configuration")
+        self.last_reload_error = error
+        return False
+
+    def _reload_file(self) -> bool:
         try:
             config = load_config(self.config.source)
             policies = build_policies(config)
         except ConfigError as exc:
-            log.error("reload_failed", error=str(exc), kept="previous configuration")
-            return False
+            return self._rejected(str(exc))
         if config.listeners != self.config.listeners:
             missing = {lst.table for lst in self.config.listeners} - set(config.tables)
             if missing:
-                log.error("reload_failed", kept="previous configuration",
-                          error=f"listener changes need a restart, and the running listeners' "
-                                f"tables {sorted(missing)} are gone from the new file")
-                return False
+                return self._rejected(f"listener changes need a restart, and the running listeners' "
+                                      f"tables {sorted(missing)} are gone from the new file")
             log.warning("reload_listeners_unchanged",
                         reason="listener changes need a restart; routes and limits were reloaded")
             config = _with_listeners(config, self.config.listeners)
@@ -257,7 +267,7 @@ class Server:
         try:
             return config, Resolver(new, self.resolver.cache)
         except Exception as exc:  # c-ares refusing the channel: keep the running one
-            log.error("reload_failed", error=f"resolver: {exc}", kept="previous configuration")
+            self._rejected(f"resolver: {exc}")
             return None
 
     def _swap_resolver(self, resolver: Resolver) -> None:
@@ -297,7 +307,7 @@ class Server:
         try:
             added, removed = self.xdp.replace(new.allow)
         except DataPlaneError as exc:
-            log.error("reload_failed", error=f"xdp.allow: {exc}", kept="previous configuration")
+            self._rejected(f"xdp.allow: {exc}")
             return None
         if added or removed:
             log.info("xdp_allow_replaced", added=added, removed=removed, entries=len(new.allow))
@@ -307,8 +317,8 @@ class Server:
         """One line for systemd's STATUS= (shown by `systemctl status`)."""
         line = (f"relay={self.relay.mode} connections={len(self._connections)} accepted={self.accepted} "
                 f"over_limit={self.rejected_over_limit} reloads={self.reloads}")
-        # A rejected file leaves the old config running: show that next to the reload count.
-        return line if self._last_reload_ok else line + " last_reload=failed"
+        # A rejected file leaves the old config running: show that, and why, next to the reload count.
+        return line if self.last_reload_error is None else f"{line} last_reload=failed: {self.last_reload_error}"
 
     def _schedule_heartbeat(self) -> None:
         # A timer on the event loop itself: if the loop stalls, the pings stop and systemd's
@@ -398,7 +408,7 @@ class Server:
             self.rejected_over_limit += 1
             client.close()
             if policy.access_log:
-                access_log.info("access", client=peer_text(address),
+                getattr(access_log, access_level(outcome))("access", client=peer_text(address),
                                 listener=entry.name, outcome=outcome, state="accepted",
                                 bytes_up=0, bytes_down=0, duration_ms=0.0)
             return
