@@ -5,6 +5,7 @@ import argparse
 import asyncio
 import contextlib
 import ipaddress
+import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from sniproxy.dataplane import XdpGate
     from sniproxy.dnscache import DnsCache
     from sniproxy.listeners import WorkerSockets
+    from sniproxy.privileges import Account
     from sniproxy.relay import Relay
 
 DEFAULT_CONFIG = "config.toml"
@@ -81,13 +83,19 @@ def _run(path: str, log_format: str | None) -> int:
         print(f"sniproxy: invalid config: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     logconf.configure(log_format or config.log.format, config.log.level)
+    from sniproxy.privileges import PrivilegeError, lookup_user
     from sniproxy.workers import worker_count
 
+    try:
+        user = lookup_user(config.server.user)  # before any set-up: a missing user is a config error
+    except PrivilegeError as exc:
+        print(f"sniproxy: invalid config: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     workers = worker_count(config.server.workers)
-    return _run_one(config) if workers == 1 else _run_workers(config, workers)
+    return _run_one(config, user) if workers == 1 else _run_workers(config, workers, user)
 
 
-def _run_one(config: Config) -> int:
+def _run_one(config: Config, user: Account) -> int:
     import uvloop
 
     from sniproxy.dataplane import DataPlaneError, open_dns_cache, open_relay, open_xdp
@@ -107,22 +115,25 @@ def _run_one(config: Config) -> int:
                 server = Server(config, relay=relay, xdp=xdp, resolver=resolver,
                                 notifier=Notifier.from_environ())
                 server.bind()
-                _drop_privileges()
+                _drop_privileges(config, user)
                 await server.serve()
+
+    from sniproxy.privileges import PrivilegeError
 
     try:
         uvloop.run(main())
-    except (OSError, DataPlaneError) as exc:  # e.g. the address is taken: one line, not a traceback
+    except (OSError, DataPlaneError, PrivilegeError) as exc:  # e.g. the address is taken: one line, not a traceback
         structlog.get_logger("sniproxy").error("start_failed", error=str(exc))
         return 1
     return 0
 
 
-def _run_workers(config: Config, workers: int) -> int:
+def _run_workers(config: Config, workers: int, user: Account) -> int:
     """The supervisor: BPF objects, XDP, the DNS cache map and every worker's listening sockets are
     set up here once, privileges dropped, then the workers are forked (they inherit all of it)."""
     from sniproxy.dataplane import DataPlaneError, open_dns_cache, open_relay, open_xdp
     from sniproxy.listeners import WorkerSockets
+    from sniproxy.privileges import PrivilegeError
     from sniproxy.systemd import Notifier
     from sniproxy.workers import Supervisor
 
@@ -137,7 +148,7 @@ def _run_workers(config: Config, workers: int) -> int:
                 current = [config]
                 gated = frozenset(ports) if xdp is not None else None
                 try:
-                    _drop_privileges()
+                    _drop_privileges(config, user)
 
                     def serve(index: int, channel: int, inbox: int) -> int:
                         # Worker 0 alone applies xdp.allow on reload: one writer for the shared list.
@@ -155,7 +166,7 @@ def _run_workers(config: Config, workers: int) -> int:
                                       on_worker_exit=lambda index: relay.forget_worker(index, workers)).run()
                 finally:
                     sockets.close()
-    except (OSError, DataPlaneError) as exc:
+    except (OSError, DataPlaneError, PrivilegeError) as exc:
         structlog.get_logger("sniproxy").error("start_failed", error=str(exc))
         return 1
 
@@ -221,21 +232,31 @@ def _metrics(config: Config, relay: Relay, xdp: XdpGate | None, dns_cache: DnsCa
     return metrics.serving(config.metrics.bind, workers, sources)
 
 
-def _drop_privileges() -> None:
-    """Listeners are bound and BPF objects loaded and pinned: no capability is needed any more.
-    Map updates go through file descriptors already open, XDP is held by a bpf_link whose fd this
-    process owns, and unpinning is an unlink in a root-owned directory (this process stays uid 0)."""
-    from sniproxy.privileges import drop_capabilities
+def _drop_privileges(config: Config, user: Account) -> None:
+    """Listeners are bound and BPF objects loaded and pinned: no capability is needed any more, nor
+    uid 0. Map updates go through file descriptors already open, XDP is held by a bpf_link whose fd
+    this process owns, and unpinning at stop is an unlink in pin_dir, which the user then owns, through
+    a descriptor opened before the drop (kernel.loader.PinDir). Raises PrivilegeError: keeping what
+    was meant to be dropped is a failed start, never a warning."""
+    from sniproxy.privileges import drop_privileges
 
     log = structlog.get_logger("sniproxy")
+    if os.geteuid() != 0 and os.geteuid() != user.uid:
+        log.warning("user_unchanged", user=config.server.user, uid=os.geteuid(),
+                    reason="not started as root: the proxy keeps running as the user that started it")
+    done = drop_privileges(user, owned=[config.ebpf.pin_dir])
+    log.info("capabilities_dropped", before=f"{done.capabilities.before:#x}",
+             after=f"{done.capabilities.after:#x}", kept=list(done.capabilities.kept),
+             user=pwd_name(done.uid), uid=done.uid, gid=done.gid, no_new_privs=done.no_new_privs)
+
+
+def pwd_name(uid: int) -> str:
+    import pwd
+
     try:
-        dropped = drop_capabilities(frozenset())
-    except OSError as exc:
-        log.warning("capabilities_kept", reason=str(exc))
-        return
-    if dropped.before:
-        log.info("capabilities_dropped", before=f"{dropped.before:#x}", after=f"{dropped.after:#x}",
-                 kept=list(dropped.kept))
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def _pin_dir(args: argparse.Namespace) -> str | None:

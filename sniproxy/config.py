@@ -155,6 +155,9 @@ class ServerConfig:
     # Processes serving the listeners (SO_REUSEPORT, one listening socket each): an int, or "auto"
     # for one per CPU this process may run on. 1 runs everything in one process, no fork.
     workers: int | str = 1
+    # Every process of the proxy runs as this user once listeners are bound and BPF objects loaded
+    # (when started as root); "root" keeps uid 0 (with no capabilities either way).
+    user: str = "sniproxy"
 
 
 @dataclass(frozen=True)
@@ -585,7 +588,7 @@ _LIMITS_KEYS = (
     "max_http_head_size",
 )  # fmt: skip
 _LOG_KEYS = ("format", "level", "access_log")
-_SERVER_KEYS = ("workers",)
+_SERVER_KEYS = ("workers", "user")
 # One splice_events ring per worker in ebpf/splice.c (SNIPROXY_MAX_WORKERS): kept in step by a test.
 MAX_WORKERS = 16
 _EBPF_KEYS = ("splice", "pin_dir", "splice_after")
@@ -842,12 +845,16 @@ def _log(data: object) -> LogConfig:
 def _server(data: object) -> ServerConfig:
     s = _Section(data, "server")
     s.check_keys(_SERVER_KEYS)
+    user = s.string("user", "sniproxy")
+    # A name for getpwnam(): whether it exists is checked where the proxy runs (`sniproxy run`).
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}", user):
+        raise ConfigError("server.user", f"expected a user name, got {user!r}")
     workers = s.get("workers", 1)
     if workers == "auto":
-        return ServerConfig(workers="auto")
+        return ServerConfig(workers="auto", user=user)
     if isinstance(workers, str):
         raise ConfigError("server.workers", f'expected an integer or "auto", got {workers!r}')
-    return ServerConfig(workers=s.integer("workers", 1, minimum=1, maximum=MAX_WORKERS))
+    return ServerConfig(workers=s.integer("workers", 1, minimum=1, maximum=MAX_WORKERS), user=user)
 
 
 def _backends_section(data: object) -> BackendsConfig:

@@ -33,6 +33,17 @@ log = structlog.get_logger("sniproxy.balancer")
 UNIX_COPY_REASON = "unix-socket backend: the kernel splice relays TCP sockets only"
 _UNIX_COPY = Relay()
 
+# The access event's level by outcome (it becomes the journal priority, docs/operations.md): error when
+# the proxy could not serve a client it should have (what `journalctl -p err` must show), warning when
+# a policy turned it away or the backend cut it; the rest (normal ends, client-side faults) info.
+_ERROR_OUTCOMES = frozenset({"connect_failed", "resolve_failed", "internal_error"})
+_WARNING_OUTCOMES = frozenset({"backend_refused", "backend_reset", "over_limit", "over_limit_per_ip",
+                               "proxy_protocol_untrusted"})
+
+
+def access_level(outcome: str) -> str:
+    return "error" if outcome in _ERROR_OUTCOMES else "warning" if outcome in _WARNING_OUTCOMES else "info"
+
 _RECV_SIZE = 65536
 # After an HTTP error answer: how long and how much of the client's remaining request to read and drop.
 _LINGER_SECONDS = 2.0
@@ -515,4 +526,4 @@ class Connection:
             event["splice_fallback"] = result.fallback_reason
         if result and result.kernel_bytes:
             event["kernel_bytes"] = result.kernel_bytes
-        access_log.info("access", **event)
+        getattr(access_log, access_level(outcome))("access", **event)

@@ -16,7 +16,7 @@ import structlog
 from sniproxy import metrics
 from sniproxy.balancer import Balancer
 from sniproxy.config import Config, ConfigError, ListenerConfig, load_config
-from sniproxy.connection import Connection, Policy, access_log, peer_text
+from sniproxy.connection import Connection, Policy, access_level, access_log, peer_text
 from sniproxy.dataplane import DataPlaneError, XdpGate
 from sniproxy.health import HealthChecker, balanced_backends
 from sniproxy.listeners import ListenerError, ListenerSource, LocalBinder, bind_listener, ungated
@@ -86,7 +86,7 @@ class Server:
         self._reload = asyncio.Event()
         self.rejected_over_limit = 0
         self.accepted = 0
-        self._last_reload_ok = True
+        self.last_reload_error: str | None = None  # why the last reload was rejected; None: it was not
         self._heartbeat: asyncio.TimerHandle | None = None
         if self.resolver is None:
             self.resolver = Resolver(self.config.resolver)
@@ -161,6 +161,7 @@ class Server:
                     self.notifier.reloading()
                     self._last_reload_ok = self.reload()
                     metrics.reload_done(self._last_reload_ok)
+                    self.notifier.reloaded(self.last_reload_error)
                     self.notifier.ready(self.status_line())
         finally:
             self.notifier.stopping(f"stopping: draining {len(self._connections)} connection(s)")
@@ -178,14 +179,25 @@ class Server:
     def reload(self) -> bool:
         """Re-read the config file; new connections use it, established ones keep what they had.
         Listeners follow the file: new ones are bound (all or nothing, before anything else changes),
-        removed ones stop accepting while their connections finish."""
+        removed ones stop accepting while their connections finish. False (and last_reload_error
+        says why) when the file was rejected."""
+        ok = self._reload_file()
+        if ok:
+            self.last_reload_error = None
+        return ok
+
+    def _rejected(self, error: str) -> bool:
+        log.error("reload_failed", error=error, kept="previous configuration")
+        self.last_reload_error = error
+        return False
+
+    def _reload_file(self) -> bool:
         try:
             config = load_config(self.config.source)
             policies = build_policies(config)
         except ConfigError as exc:
             self.listener_source.acquire(())  # close whatever a supervisor offered for this reload
-            log.error("reload_failed", error=str(exc), kept="previous configuration")
-            return False
+            return self._rejected(str(exc))
         running = {entry.name for entry in self._listening}
         added = [lst for lst in config.listeners if _listener_name(lst) not in running]
         try:
@@ -195,8 +207,7 @@ class Server:
                 raise ListenerError(why)
             sockets = self.listener_source.acquire(added)
         except ListenerError as exc:
-            log.error("reload_failed", error=str(exc), kept="previous configuration")
-            return False
+            return self._rejected(str(exc))
         if config.metrics != self.config.metrics:
             log.warning("reload_metrics_unchanged", reason="[metrics] needs a restart")
             config = dataclasses.replace(config, metrics=self.config.metrics)
@@ -261,7 +272,7 @@ class Server:
         try:
             return config, Resolver(new, self.resolver.cache)
         except Exception as exc:  # c-ares refusing the channel: keep the running one
-            log.error("reload_failed", error=f"resolver: {exc}", kept="previous configuration")
+            self._rejected(f"resolver: {exc}")
             return None
 
     def _swap_resolver(self, resolver: Resolver) -> None:
@@ -301,7 +312,7 @@ class Server:
         try:
             added, removed = self.xdp.replace(new.allow)
         except DataPlaneError as exc:
-            log.error("reload_failed", error=f"xdp.allow: {exc}", kept="previous configuration")
+            self._rejected(f"xdp.allow: {exc}")
             return None
         if added or removed:
             log.info("xdp_allow_replaced", added=added, removed=removed, entries=len(new.allow))
@@ -311,8 +322,8 @@ class Server:
         """One line for systemd's STATUS= (shown by `systemctl status`)."""
         line = (f"relay={self.relay.mode} connections={len(self._connections)} accepted={self.accepted} "
                 f"over_limit={self.rejected_over_limit} reloads={self.reloads}")
-        # A rejected file leaves the old config running: show that next to the reload count.
-        return line if self._last_reload_ok else line + " last_reload=failed"
+        # A rejected file leaves the old config running: show that, and why, next to the reload count.
+        return line if self.last_reload_error is None else f"{line} last_reload=failed: {self.last_reload_error}"
 
     def _schedule_heartbeat(self) -> None:
         # A timer on the event loop itself: if the loop stalls, the pings stop and systemd's
@@ -404,7 +415,7 @@ class Server:
             client.close()
             metrics.connection_rejected(entry.name, outcome)
             if policy.access_log:
-                access_log.info("access", client=peer_text(address),
+                getattr(access_log, access_level(outcome))("access", client=peer_text(address),
                                 listener=entry.name, outcome=outcome, state="accepted",
                                 bytes_up=0, bytes_down=0, duration_ms=0.0)
             return

@@ -39,7 +39,10 @@ _MAX_RESTART_DELAY = 5.0
 # A worker that has not started serving after this long failed to start.
 START_TIMEOUT = 60.0
 
-_READY, _BEAT = b"R", b"."
+# Worker -> supervisor messages on its pipe: one byte each, except a failed reload, which is
+# _RELOAD_FAILED, the error text (no newline) and a newline. One write each, below PIPE_BUF: atomic.
+_READY, _BEAT, _RELOAD_OK, _RELOAD_FAILED = b"R", b".", b"O", b"F"
+_MAX_ERROR_BYTES = 1000
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 
 
@@ -52,8 +55,8 @@ def worker_count(setting: int | str) -> int:
 
 
 class ChannelNotifier(Notifier):
-    """A worker's Notifier: READY and WATCHDOG go to the supervisor through a pipe (the supervisor
-    tells systemd for all workers); STATUS, RELOADING and STOPPING stay in the worker."""
+    """A worker's Notifier: READY, WATCHDOG and how a reload ended go to the supervisor through a pipe
+    (the supervisor tells systemd for all workers); STATUS, RELOADING and STOPPING stay in the worker."""
 
     def __init__(self, fd: int) -> None:
         super().__init__(None, watchdog_usec=int(HEARTBEAT_SECONDS * 2_000_000))
@@ -71,8 +74,17 @@ class ChannelNotifier(Notifier):
         codes = b"".join({"READY=1": _READY, "WATCHDOG=1": _BEAT}.get(f, b"") for f in fields)
         if not codes:
             return False
+        return self._send(codes)
+
+    def reloaded(self, error: str | None) -> bool:
+        if error is None:
+            return self._send(_RELOAD_OK)
+        text = " ".join(error.split()).encode()[:_MAX_ERROR_BYTES]
+        return self._send(_RELOAD_FAILED + text + b"\n")
+
+    def _send(self, data: bytes) -> bool:
         try:
-            os.write(self._fd, codes)
+            os.write(self._fd, data)
         except OSError:  # the supervisor is gone or not reading: nothing to tell
             return False
         return True
@@ -87,6 +99,8 @@ class _Worker:
     started: float = 0.0
     last_heard: float = 0.0
     ready: bool = False
+    reload_answer: str | None = None  # since the last SIGHUP: "" in force, else the worker's error
+    pending: bytes = b""  # an incomplete message read from the channel
     restarts: int = 0
     restart_at: float | None = None  # a replacement is due at this time (crash-loop backoff)
     delay: float = 0.1
@@ -114,6 +128,7 @@ class Supervisor:
         self._generation = 0
         self._workers = [_Worker(i) for i in range(self.count)]
         self._signals: list[int] = []
+        self.last_reload_error: str | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     # -- running ------------------------------------------------------------------------------------
@@ -149,7 +164,9 @@ class Supervisor:
 
     def status_line(self) -> str:
         alive = sum(1 for w in self._workers if w.pid)
-        return f"workers={alive}/{self.count} restarts={sum(w.restarts for w in self._workers)}"
+        line = f"workers={alive}/{self.count} restarts={sum(w.restarts for w in self._workers)}"
+        # A rejected file leaves the previous config running: `systemctl status` says so, and why.
+        return line if self.last_reload_error is None else f"{line} last_reload=failed: {self.last_reload_error}"
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self._signals.append(signum)
@@ -218,8 +235,9 @@ class Supervisor:
         log.error("worker_exited", worker=worker.index, reason=why, restart_in_seconds=worker.delay)
 
     def _reload(self) -> None:
-        """Forward SIGHUP; tell systemd READY again once every worker re-read its config (each sends
-        READY after a reload, successful or not: a rejected file leaves its previous config running)."""
+        """Forward SIGHUP; tell systemd READY again once every worker re-read its config (each says
+        how its reload ended, then READY: a rejected file leaves its previous config running), with
+        the first worker's error in STATUS= when any rejected it."""
         self.notifier.reloading()
         if self.reconfigure is not None:
             self.reconfigure()
@@ -235,13 +253,23 @@ class Supervisor:
                     log.error("listener_offer_failed", worker=worker.index, error=str(exc))
         for worker in self._workers:
             worker.ready = False
+            worker.reload_answer = None
             self._kill(worker, signal.SIGHUP)
         deadline = time.monotonic() + 10.0
         while not all(w.ready or not w.pid for w in self._workers) and time.monotonic() < deadline:
             self._poll(0.2)
             for worker, status in self._reap():
                 self._schedule_restart(worker, f"exited ({_describe(status)})")
-        log.info("workers_reloaded", workers=self.count)
+        failed = [(w.index, w.reload_answer if w.reload_answer is not None
+                   else "no answer within 10 s" if w.pid else "exited while reloading")
+                  for w in self._workers if w.reload_answer != ""]
+        if failed:
+            self.last_reload_error = failed[0][1]
+            log.error("workers_reload_failed", workers=[i for i, _ in failed], error=failed[0][1],
+                      kept="previous configuration")
+        else:
+            self.last_reload_error = None
+            log.info("workers_reloaded", workers=self.count)
         self.notifier.ready(self.status_line())
 
     def _stop_all(self) -> None:
@@ -381,8 +409,28 @@ class Supervisor:
                 worker.channel = -1
                 continue
             worker.last_heard = time.monotonic()
-            if _READY in data:
+            self._read_messages(worker, data)
+
+    @staticmethod
+    def _read_messages(worker: _Worker, data: bytes) -> None:
+        data = worker.pending + data
+        worker.pending = b""
+        i = 0
+        while i < len(data):
+            code = data[i:i + 1]
+            if code == _RELOAD_FAILED:
+                end = data.find(b"\n", i)
+                if end < 0:  # the rest comes with the next read
+                    worker.pending = data[i:]
+                    return
+                worker.reload_answer = data[i + 1:end].decode(errors="replace")
+                i = end + 1
+                continue
+            if code == _READY:
                 worker.ready = True
+            elif code == _RELOAD_OK:
+                worker.reload_answer = ""
+            i += 1
 
 
 def _describe(status: int) -> str:

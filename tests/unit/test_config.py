@@ -93,6 +93,7 @@ def test_defaults_applied():
     assert config.log == LogConfig(format="json", level="info", access_log=True)
     assert config.ebpf == EbpfConfig(splice=True, pin_dir="/sys/fs/bpf/sniproxy")
     assert config.server.workers == 1  # one process unless asked
+    assert config.server.user == "sniproxy"  # never uid 0 unless asked
     assert config.source == "<string>"
     assert config.listeners[0].protocol == "tls"
     assert config.tables["default"].fallback is None
@@ -109,6 +110,11 @@ def test_metrics_off_unless_bound():
 @pytest.mark.parametrize("text, expected", [("workers = 'auto'", "auto"), ("workers = 3", 3)])
 def test_workers_setting(text, expected):
     assert cfg(MINIMAL, "[server]\n" + text).server.workers == expected
+
+
+@pytest.mark.parametrize("name", ["sniproxy", "root", "_svc-proxy.1", "www-data"])
+def test_user_setting(name):
+    assert cfg(MINIMAL, f"[server]\nuser = '{name}'").server.user == name
 
 
 def test_auto_workers_is_one_per_usable_cpu_within_the_ring_count():
@@ -354,6 +360,9 @@ ERROR_CASES = [
     pytest.param([MINIMAL, "[server]\nworkers = 17"], "server.workers", "between 1 and 16", id="workers-above-rings"),
     pytest.param([MINIMAL, "[server]\nworkers = 'all'"], "server.workers", '"auto"', id="workers-word"),
     pytest.param([MINIMAL, "[server]\nworkers = 2.0"], "server.workers", "integer", id="workers-float"),
+    pytest.param([MINIMAL, "[server]\nuser = ''"], "server.user", "user name", id="user-empty"),
+    pytest.param([MINIMAL, "[server]\nuser = 'a b'"], "server.user", "user name", id="user-space"),
+    pytest.param([MINIMAL, "[server]\nuser = 0"], "server.user", "string", id="user-uid-number"),
     pytest.param([MINIMAL, "[server]\nthreads = 2"], "server.threads", "unknown", id="server-unknown-key"),
     pytest.param([MINIMAL, "[metrics]\nport = 9180"], "metrics.port", "unknown", id="metrics-unknown-key"),
     pytest.param([MINIMAL, "[metrics]\nbind = 9180"], "metrics.bind", "string", id="metrics-bind-int"),
