@@ -11,6 +11,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -45,6 +46,9 @@ class Policy:
     access_log: bool = True
     # Set when the listener expects a PROXY header: the networks allowed to send one.
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None = None
+    # Is an IP an address of this host (localaddrs.LocalAddresses.contains)? Dynamic routes never
+    # connect there unless the table allows it: the proxy would connect to itself until full.
+    is_local: Callable[[Any], bool] | None = None
 
 
 class _Rejected(Exception):
@@ -138,12 +142,19 @@ class Connection:
                 addresses = await self.resolver.resolve(self.route.host)
             except ResolveError as exc:
                 raise _Rejected("resolve_failed", str(exc)) from None
-            allowed = [a for a in addresses if self.policy.table.backend_allowed(self.route, a)]
+            allowed, refusals = [], []
+            for address in addresses:
+                refusal = self.policy.table.backend_refusal(self.route, address, self.policy.is_local)
+                if refusal is None:
+                    allowed.append(address)
+                else:
+                    refusals.append(refusal)
             if not allowed:
-                raise _Rejected("backend_refused",
-                                f"{self.route.host} resolved to {', '.join(addresses)}: a dynamic route "
-                                "may not reach private, loopback, link-local or multicast addresses "
-                                "(allow_private_backends)")
+                # "backend_self" when any address was this host's: that is the loop to look into.
+                kind = next((r.outcome for r in refusals if r.outcome == "backend_self"),
+                            refusals[0].outcome)
+                raise _Rejected(kind, f"{self.route.host}: " + "; ".join(r.reason for r in refusals)
+                                + ": a dynamic route may not reach it (allow_private_backends)")
             self.state = State.CONNECTING
             backend = await self._connect(allowed)
             self.state = State.RELAYING

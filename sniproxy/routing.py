@@ -3,8 +3,10 @@
 # and a dynamic Route's host is always a valid hostname (never an IP literal taken from the client).
 from __future__ import annotations
 
-import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from sniproxy.backend_guard import BackendGuard, IPAddress, Refusal
 
 from sniproxy.config import (
     BackendKind,
@@ -69,7 +71,7 @@ class RouteTable:
     def __init__(self, name: str, rules: tuple[_Rule, ...], fallback: Route | None,
                  allow_private: tuple[str, ...] = ()) -> None:
         self.name = name
-        self._allow_private = tuple(ipaddress.ip_network(n) for n in allow_private)
+        self._guard = BackendGuard(allow_private)
         self._rules = rules
         self._fallback = fallback
         self._exact: dict[str, _Rule] = {}
@@ -103,19 +105,19 @@ class RouteTable:
     def fallback(self) -> Route | None:
         return self._fallback
 
-    def backend_allowed(self, route: Route, address: str) -> bool:
-        """May `route` connect to the resolved IP `address`? Static routes always may: the operator
-        wrote the backend. Dynamic ones (host chosen by the client) may reach only global addresses,
-        unless the table allows a network explicitly: otherwise the proxy is an open relay into the
-        host's own loopback and private networks."""
+    def backend_refusal(self, route: Route, address: str,
+                        is_local: Callable[[IPAddress], bool] | None = None) -> Refusal | None:
+        """Why `route` may not connect to the resolved IP `address`, or None. Static routes always
+        may: the operator wrote the backend. Dynamic ones (host chosen by the client) may not reach
+        special-purpose ranges nor this host itself (`is_local`), unless the table allows a network
+        explicitly: otherwise the proxy is an open relay into the host's own networks, or a loop."""
         if not route.dynamic:
-            return True
-        ip = ipaddress.ip_address(address)
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        if ip.is_global and not ip.is_multicast:
-            return True
-        return any(ip in network for network in self._allow_private)
+            return None
+        return self._guard.refusal(address, is_local)
+
+    def backend_allowed(self, route: Route, address: str,
+                        is_local: Callable[[IPAddress], bool] | None = None) -> bool:
+        return self.backend_refusal(route, address, is_local) is None
 
     def __len__(self) -> int:
         return len(self._rules)

@@ -9,13 +9,16 @@ import errno
 import ipaddress
 import signal
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
 from sniproxy.config import Config, ConfigError, ListenerConfig, load_config
 from sniproxy.connection import Connection, Policy, access_log, peer_text
 from sniproxy.dataplane import DataPlaneError, XdpGate
+from sniproxy.localaddrs import LocalAddresses
 from sniproxy.relay import CopyRelay, Relay
 from sniproxy.resolver import Resolver
 from sniproxy.routing import RouteTable
@@ -77,8 +80,9 @@ def bind_worker_listeners(listeners: tuple[ListenerConfig, ...], workers: int) -
     return sets
 
 
-def build_policies(config: Config) -> dict[str, Policy]:
-    """One Policy per listener name; a pure function of the config so reload can swap them whole."""
+def build_policies(config: Config, is_local: Callable[[Any], bool] | None = None) -> dict[str, Policy]:
+    """One Policy per listener name; a pure function of the config (and of the process's view of
+    its own addresses) so reload can swap them whole."""
     tables = {name: RouteTable.from_config(table) for name, table in config.tables.items()}
     return {
         _listener_name(listener): Policy(
@@ -87,6 +91,7 @@ def build_policies(config: Config) -> dict[str, Policy]:
             access_log=config.log.access_log,
             trusted_proxies=(tuple(ipaddress.ip_network(n) for n in listener.trusted)
                              if listener.accept_proxy_protocol else None),
+            is_local=is_local,
         )
         for listener in config.listeners
     }
@@ -112,7 +117,8 @@ class Server:
     workers: int = 1
 
     def __post_init__(self) -> None:
-        self._policies = build_policies(self.config)
+        self.local_addresses = LocalAddresses()
+        self._policies = build_policies(self.config, self.local_addresses.contains)
         self._listening: list[_Listening] = []
         self._connections: set[asyncio.Task[None]] = set()
         self._per_ip: dict[str, int] = {}
@@ -171,6 +177,8 @@ class Server:
                                 (signal.SIGHUP, self.request_reload)):
                 loop.add_signal_handler(sig, action)
                 handled.append(sig)
+        # Before the first accept: a dynamic route must know this host's addresses from the start.
+        self.local_addresses.start(loop)
         for entry in self._listening:
             self._watch(entry)
         log.info("listening", listeners=[e.name for e in self._listening], relay=self.relay.mode)
@@ -203,12 +211,13 @@ class Server:
                 if self._heartbeat is not None:
                     self._heartbeat.cancel()
                     self._heartbeat = None
+                self.local_addresses.close()
 
     def reload(self) -> bool:
         """Re-read the config file; new connections use it, established ones keep what they had."""
         try:
             config = load_config(self.config.source)
-            policies = build_policies(config)
+            policies = build_policies(config, self.local_addresses.contains)
         except ConfigError as exc:
             log.error("reload_failed", error=str(exc), kept="previous configuration")
             return False
@@ -222,7 +231,7 @@ class Server:
             log.warning("reload_listeners_unchanged",
                         reason="listener changes need a restart; routes and limits were reloaded")
             config = _with_listeners(config, self.config.listeners)
-            policies = build_policies(config)
+            policies = build_policies(config, self.local_addresses.contains)
         built = self._reload_resolver(config)
         if built is None:
             return False

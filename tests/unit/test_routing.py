@@ -197,7 +197,8 @@ def _table(allow=()):
 
 @pytest.mark.parametrize("address", [
     "127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.0.1", "169.254.1.1", "100.64.0.1", "0.0.0.0",
-    "224.0.0.1", "::1", "fe80::1", "fd00::1", "::", "ff02::1", "::ffff:127.0.0.1",
+    "224.0.0.1", "::1", "fe80::1", "fd00::1", "::", "ff02::1", "::ffff:127.0.0.1", "fec0::1",
+    "64:ff9b::7f00:1", "::1.2.3.4", "::ffff:0:102:304",
 ])
 def test_dynamic_route_refuses_non_global_addresses(address):
     table = _table()
