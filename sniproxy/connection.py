@@ -118,6 +118,8 @@ class Connection:
         self.started = time.monotonic()
         self.hello: tls.ClientHello | None = None
         self.route: Route | None = None
+        # Rules that matched the name but could not build a backend from it: logged, never silent.
+        self.route_skipped: tuple[str, ...] = ()
         self.backend_address: Any = None
         self.via: Any = None  # the load balancer's address, when a PROXY header named the client
         self.proxy_destination: Any = None
@@ -133,10 +135,11 @@ class Connection:
         try:
             self.hello = await self._read_hello()
             self.state = State.ROUTING
-            self.route = self.policy.table.route(self.hello.sni)
+            self.route, self.route_skipped = self.policy.table.lookup(self.hello.sni)
             if self.route is None:
                 await self._send_alert(tls.AlertDescription.UNRECOGNIZED_NAME)
-                raise _Rejected("no_route", f"no route for sni {self.hello.sni!r}")
+                raise _Rejected("no_route", f"no route for sni {self.hello.sni!r}"
+                                + "".join(f"; {why}" for why in self.route_skipped))
             self.state = State.RESOLVING
             try:
                 addresses = await self.resolver.resolve(self.route.host)
@@ -323,6 +326,8 @@ class Connection:
         }
         if self.via:
             event["via"] = peer_text(self.via)
+        if self.route_skipped:
+            event["route_skipped"] = list(self.route_skipped)
         if reason:
             event["reason"] = reason
         if result and result.fallback_reason:

@@ -1,6 +1,7 @@
 # Owns route selection: a TableConfig compiled into a RouteTable that maps an SNI name to a Route.
 # Invariant: pure and total: route() never raises, the first matching rule in config order wins,
-# and a dynamic Route's host is always a valid hostname (never an IP literal taken from the client).
+# and a dynamic Route's host is always a valid hostname or an IP literal built by a `$N` template (as
+# nginx's map + proxy_pass would; never an SNI that is an IP literal), checked like any resolved one.
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -14,10 +15,12 @@ from sniproxy.config import (
     MatchKind,
     MatchSpec,
     TableConfig,
+    backend_host,
     is_hostname,
     normalize_hostname,
     parse_backend,
     parse_match,
+    template_host,
 )
 
 __all__ = ["Route", "RouteTable"]
@@ -42,25 +45,20 @@ class _Rule:
     backend: BackendSpec
     proxy_protocol: str | None = None
 
-    def target(self, name: str, captures: tuple[str | None, ...] = ()) -> Route | None:
-        """The Route for `name` (already matched), or None when a capture yields no valid host."""
+    def target(self, name: str, captures: tuple[str | None, ...] = ()) -> Route | str:
+        """The Route for `name` (already matched), or why this rule cannot route it."""
         backend = self.backend
         if backend.kind is BackendKind.STATIC:
             return Route(backend.host, backend.port, self.pattern, False, self.proxy_protocol)
         if backend.kind is BackendKind.SNI:
             return Route(name, backend.port, self.pattern, True, self.proxy_protocol)
-        pieces: list[str] = []
-        for part in backend.template:
-            if isinstance(part, int):
-                value = captures[part - 1] if part <= len(captures) else None
-                if not value:
-                    return None  # group did not take part, or captured nothing
-                pieces.append(value.lower())
-            else:
-                pieces.append(part)
-        host = normalize_hostname("".join(pieces))
-        if not is_hostname(host):
-            return None
+        built = template_host(backend.template, captures)
+        if built is None:
+            return f"rule {self.pattern!r}: a group its backend uses captured nothing from {name!r}"
+        host = backend_host(built)
+        if host is None:
+            return (f"rule {self.pattern!r}: {name!r} builds backend host {built!r}, neither a "
+                    f"hostname nor an IP address")
         return Route(host, backend.port, self.pattern, True, self.proxy_protocol)
 
 
@@ -128,15 +126,21 @@ class RouteTable:
         Names compare case-insensitively, ignoring one trailing dot. A name that is not a valid
         hostname (including IP literals) matches no rule, exactly like a missing SNI.
         """
+        return self.lookup(sni)[0]
+
+    def lookup(self, sni: str | None) -> tuple[Route | None, tuple[str, ...]]:
+        """route(), and why each rule that matched the name but could not build a backend from it
+        was passed over (so a connection that lands on a later rule or the fallback says why)."""
         if not isinstance(sni, str):
-            return self._fallback
+            return self._fallback, ()
         name = normalize_hostname(sni)
         if not is_hostname(name):
-            return self._fallback
-        route = self._match(name)
-        return route if route is not None else self._fallback
+            return self._fallback, ()
+        skipped: list[str] = []
+        route = self._match(name, skipped)
+        return (route if route is not None else self._fallback), tuple(skipped)
 
-    def _match(self, name: str) -> Route | None:
+    def _match(self, name: str, skipped: list[str]) -> Route | None:
         best = self._exact.get(name)
         dot = name.find(".")
         while dot >= 0:
@@ -149,13 +153,18 @@ class RouteTable:
             if rule.index >= limit:
                 break
             if rule.match.kind is MatchKind.CATCH_ALL:
-                route = rule.target(name)
+                target = rule.target(name)
             else:
                 assert rule.match.regex is not None
                 m = rule.match.regex.fullmatch(name)
                 if m is None:
                     continue
-                route = rule.target(name, m.groups())
-            if route is not None:
-                return route
-        return best.target(name) if best is not None else None
+                target = rule.target(name, m.groups())
+            if isinstance(target, Route):
+                return target
+            skipped.append(target)
+        if best is None:
+            return None
+        target = best.target(name)
+        assert isinstance(target, Route)  # exact and wildcard rules never use captures
+        return target

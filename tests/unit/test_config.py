@@ -306,6 +306,10 @@ ERROR_CASES = [
     pytest.param([LISTENER, routes(("~(a)\\.test", "$1.c.test"))], "table.default.routes[0].backend", "port", id="template-no-port"),
     pytest.param([LISTENER, routes(("~(a)\\.test", "$1.c.test:$1"))], "table.default.routes[0].backend", "port", id="template-in-port"),
     pytest.param([LISTENER, routes(("~(a)\\.test", "$1..test:1"))], "table.default.routes[0].backend", "hostname", id="template-bad-shape"),
+    # Templates that some name the regex accepts turns into neither a hostname nor an IP (issue 15, 9).
+    pytest.param([LISTENER, routes(("~^(\\w+)\\.test$", "$1:1"))], "table.default.routes[0].backend", "builds '1' from the name '1.test'", id="template-digits-only-host"),
+    pytest.param([LISTENER, routes(("~a(-\\w+)\\.test", "$1.in.test:1"))], "table.default.routes[0].backend", "neither a hostname nor an IP", id="template-leading-hyphen"),
+    pytest.param([LISTENER, routes(("~^v([a-z]+)\\.test$", "[fd00::$1]:1"))], "table.default.routes[0].backend", "neither a hostname nor an IP", id="template-ipv6-not-hex"),
     # wrong types: bool is not an int, and numbers have ranges
     pytest.param([MINIMAL, "[limits]\nmax_connections = true"], "limits.max_connections", "integer", id="bool-not-int"),
     pytest.param([MINIMAL, "[resolver]\ntries = false"], "resolver.tries", "integer", id="bool-not-int-tries"),
@@ -361,6 +365,8 @@ def test_rejected(parts, key_path, reason):
         [("~^(\\w+)\\.svc\\.test$", "$1.internal.test:443")],
         [("~(a)(b)(c)(d)(e)(f)(g)(h)(i)", "$9-$1.x.test:1")],
         [("~(?P<n>\\w+)\\.test", "$1.x.test:1")],
+        [("~^ip(\\d+)\\.lit\\.test$", "127.0.0.$1:443")],  # nginx-style IP literal (issue 15, 9)
+        [("~^v6-([0-9a-f]{1,4})\\.test$", "[fd00::$1]:443")],
         [("APP.Example.Test.", "Backend.Test.:1")],
         [("_acme.test", "[2001:db8::1]:443")],
         [("*.test", "b.test:1"), ("*.a.test", "c.test:1")],  # reachable: the order decides, not an error
