@@ -89,12 +89,15 @@ def _run_one(config: Config) -> int:
     import uvloop
 
     from sniproxy.dataplane import DataPlaneError, open_dns_cache, open_relay, open_xdp
+    from sniproxy.pinlock import hold_pin_dir
     from sniproxy.resolver import Resolver
     from sniproxy.server import Server
     from sniproxy.systemd import Notifier
 
+    phase = ["start"]  # where an error ends the run: logged as start_failed, serve_failed or stop_failed
+
     async def main() -> None:
-        with open_relay(config.ebpf) as relay:
+        with hold_pin_dir(config), open_relay(config.ebpf) as relay:
             # The XDP gate goes up before the listeners bind: no client outside the allow-list can
             # finish a handshake into the accept queue in between.
             ports = [listener.bind.port for listener in config.listeners]
@@ -105,12 +108,14 @@ def _run_one(config: Config) -> int:
                                 notifier=Notifier.from_environ())
                 server.bind()
                 _drop_privileges()
+                phase[0] = "serve"
                 await server.serve()
+                phase[0] = "stop"  # what is left: unpinning and detaching on the way out
 
     try:
         uvloop.run(main())
     except (OSError, DataPlaneError) as exc:  # e.g. the address is taken: one line, not a traceback
-        structlog.get_logger("sniproxy").error("start_failed", error=str(exc))
+        structlog.get_logger("sniproxy").error(f"{phase[0]}_failed", error=str(exc))
         return 1
     return 0
 
@@ -119,12 +124,14 @@ def _run_workers(config: Config, workers: int) -> int:
     """The supervisor: BPF objects, XDP, the DNS cache map and every worker's listening sockets are
     set up here once, privileges dropped, then the workers are forked (they inherit all of it)."""
     from sniproxy.dataplane import DataPlaneError, open_dns_cache, open_relay, open_xdp
+    from sniproxy.pinlock import hold_pin_dir
     from sniproxy.server import bind_worker_listeners
     from sniproxy.systemd import Notifier
     from sniproxy.workers import Supervisor
 
+    phase = "start"  # where an error ends the run: logged as start_failed, serve_failed or stop_failed
     try:
-        with open_relay(config.ebpf) as relay:
+        with hold_pin_dir(config), open_relay(config.ebpf) as relay:
             ports = [listener.bind.port for listener in config.listeners]
             with open_xdp(config.xdp, config.ebpf.pin_dir, ports) as xdp, \
                     open_dns_cache(config.ebpf, config.resolver) as dns_cache:
@@ -137,14 +144,17 @@ def _run_workers(config: Config, workers: int) -> int:
                         return _serve_worker(config, relay, xdp if index == 0 else None, dns_cache,
                                              sockets[index], index, workers, channel)
 
-                    return Supervisor(workers, sockets, serve, Notifier.from_environ(),
+                    phase = "serve"
+                    code = Supervisor(workers, sockets, serve, Notifier.from_environ(),
                                       config.limits.shutdown_grace).run()
+                    phase = "stop"
+                    return code
                 finally:
                     for socks in sockets:
                         for sock in socks:
                             sock.close()
     except (OSError, DataPlaneError) as exc:
-        structlog.get_logger("sniproxy").error("start_failed", error=str(exc))
+        structlog.get_logger("sniproxy").error(f"{phase}_failed", error=str(exc))
         return 1
 
 

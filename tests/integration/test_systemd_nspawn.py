@@ -53,7 +53,8 @@ class Container:
             (self.base / d).mkdir()
         self._mount("-t", "overlay", "-o", f"lowerdir=/,upperdir={self.base}/upper,workdir={self.base}/work",
                     "overlay", target=self.root)
-        self._mount("-t", "bpf", "bpf", target=self.bpffs)  # a new bpffs instance: pins stay private
+        # A new bpffs instance (pins stay private), 0700 like the one systemd mounts on a host.
+        self._mount("-t", "bpf", "-o", "mode=0700", "bpf", target=self.bpffs)
         argv = ["systemd-nspawn", "--boot", "--register=no", "--keep-unit", "--console=passive",
                 f"--machine={self.name}", "-D", str(self.root),
                 "--system-call-filter=bpf", "--capability=CAP_BPF,CAP_NET_ADMIN,CAP_PERFMON",
