@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
+import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -39,9 +40,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="config file whose [ebpf] pin_dir to use (default: %(default)s)")
     allow.add_argument("--pin-dir", help="bpffs directory of the running proxy (overrides -c)")
     allow_ops = allow.add_subparsers(dest="allow_command", required=True)
-    allow_ops.add_parser("list", help="print the live allow-list and the filter's counters")
-    allow_ops.add_parser("add", help="let a CIDR in").add_argument("cidr")
-    delete = allow_ops.add_parser("del", help="stop letting a CIDR in")
+    _pin_options(allow_ops.add_parser("list", help="print the live allow-list and the filter's counters"))
+    _pin_options(allow_ops.add_parser("add", help="let a CIDR in")).add_argument("cidr")
+    delete = _pin_options(allow_ops.add_parser("del", help="stop letting a CIDR in"))
     delete.add_argument("cidr")
     delete.add_argument("--force", action="store_true", help="allow removing the last entry")
     dns = commands.add_parser("dns", help="list the pinned DNS cache (names, addresses, TTL left), "
@@ -50,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="config file whose [ebpf] pin_dir to use (default: %(default)s)")
     dns.add_argument("--pin-dir", help="bpffs directory holding dns_cache (overrides -c)")
     dns_ops = dns.add_subparsers(dest="dns_command")
-    dns_ops.add_parser("flush", help="forget one name, or every name").add_argument("name", nargs="?")
+    _pin_options(dns_ops.add_parser("flush", help="forget one name, or every name")).add_argument(
+        "name", nargs="?")
     stats = commands.add_parser("stats", help="print the kernel's byte counters and the top spliced "
                                 "connections from the pinned maps; no running proxy needed")
     stats.add_argument("-c", "--config", default=DEFAULT_CONFIG,
@@ -59,6 +61,15 @@ def _parser() -> argparse.ArgumentParser:
     stats.add_argument("--top", type=int, default=10, help="connections to list (default: %(default)s)")
     stats.add_argument("--json", action="store_true", help="one JSON document, for scripts")
     return parser
+
+
+def _pin_options(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """-c/--pin-dir accepted after the action too (`sniproxy allow list -c FILE`). SUPPRESS: when
+    not given here, the value parsed before the action (or its default) stands."""
+    sub.add_argument("-c", "--config", default=argparse.SUPPRESS,
+                     help="config file whose [ebpf] pin_dir to use")
+    sub.add_argument("--pin-dir", default=argparse.SUPPRESS, help="bpffs directory (overrides -c)")
+    return sub
 
 
 def _check(path: str) -> int:
@@ -297,6 +308,20 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a pipe closed early shows here, inside the try, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`sniproxy stats --json | head -c 900`): no traceback. Point stdout at
+        # /dev/null so the interpreter's final flush does not raise a second time.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141  # 128 + SIGPIPE, what a shell reports for a command killed by the pipe
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check":
         return _check(args.config)

@@ -687,9 +687,13 @@ def _networks(values: list[object], key_path: str) -> tuple[str, ...]:
         if not isinstance(item, str):
             raise ConfigError(f"{key_path}[{i}]", f"expected a CIDR string, got {_type_name(item)}")
         try:
-            out.append(str(ipaddress.ip_network(item, strict=False)))
+            # strict: "10.0.0.1/8" is refused like in xdp.allow, not silently widened to 10.0.0.0/8.
+            out.append(str(ipaddress.ip_network(item.strip(), strict=True)))
         except ValueError as e:
-            raise ConfigError(f"{key_path}[{i}]", f"not a CIDR: {e}") from None
+            hint = ""
+            with contextlib.suppress(ValueError):
+                hint = f"; did you mean {ipaddress.ip_network(item.strip(), strict=False)}?"
+            raise ConfigError(f"{key_path}[{i}]", f"not a CIDR: {e}{hint}") from None
     return tuple(out)
 
 
@@ -886,7 +890,11 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         key_path = ""
         if m is not None:
             message = message[: m.start()]
-            key_path = m.group(1) if m.group(1).startswith("line") else ""
+            key_path = m.group(1)
+            if not key_path.startswith("line"):
+                # "end of document" (e.g. an unclosed array): the position of the file's last byte.
+                lines = text.split("\n")
+                key_path = f"line {len(lines)}, column {len(lines[-1]) + 1} (end of file)"
         raise ConfigError(key_path, f"invalid TOML: {message}", source=error_source) from None
     try:
         return _build(doc, source)

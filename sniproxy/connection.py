@@ -124,6 +124,8 @@ class Connection:
         self.via: Any = None  # the load balancer's address, when a PROXY header named the client
         self.proxy_destination: Any = None
         self.buffered = bytearray()
+        # Bytes the proxy itself sent the backend (a PROXY header): not the client's, so not bytes_up.
+        self.added_up = 0
 
     async def handle(self) -> None:
         outcome = "error"
@@ -163,7 +165,9 @@ class Connection:
             self.state = State.RELAYING
             first = bytes(self.buffered)
             if self.route.proxy_protocol:
-                first = self._proxy_header(self.route.proxy_protocol) + first
+                header = self._proxy_header(self.route.proxy_protocol)
+                self.added_up = len(header)
+                first = header + first
             # The relay owns both sockets from here on and closes them.
             client, self.client, relay_backend, backend = self.client, None, backend, None
             result = await self.relay.relay(
@@ -317,7 +321,7 @@ class Connection:
             "route": self.route.rule if self.route else None,
             "backend_host": self.route.host if self.route else None,
             "backend": peer_text(self.backend_address) if self.backend_address else None,
-            "bytes_up": result.bytes_up if result else 0,
+            "bytes_up": max(result.bytes_up - self.added_up, 0) if result else 0,
             "bytes_down": result.bytes_down if result else 0,
             "duration_ms": round((time.monotonic() - self.started) * 1000, 3),
             "relay": result.mode if result else None,

@@ -528,3 +528,30 @@ def test_hardening_key_errors_name_the_key(old, new, key_path):
     with pytest.raises(ConfigError) as info:
         parse_config(HARDENED.replace(old, new))
     assert info.value.key_path == key_path
+
+
+# -- issue 15, defect 11 ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, position", [
+    ("a = [1,\n", "line 2, column 1 (end of file)"),
+    ("[[listener]]\nbind = \"127.0.0.1:1\"\nroutes = [", "line 3, column 11 (end of file)"),
+    ("x = = 1\n", "line 1, column 5"),
+])
+def test_toml_syntax_errors_name_line_and_column(text, position):
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "f.toml")
+    assert info.value.key_path == position
+    assert str(info.value).startswith(f"f.toml: {position}: invalid TOML: ")
+
+
+@pytest.mark.parametrize("snippet, key_path", [
+    ('[[listener]]\nbind = "127.0.0.1:1"\naccept_proxy_protocol = true\ntrusted = ["10.0.0.1/8"]\n'
+     '[table.default]\n', "listener[0].trusted[0]"),
+    ('[[listener]]\nbind = "127.0.0.1:1"\n[table.default]\nallow_private_backends = ["10.1.2.3/8"]\n',
+     "table.default.allow_private_backends[0]"),
+])
+def test_cidrs_with_host_bits_are_refused_like_xdp_allow(snippet, key_path):
+    with pytest.raises(ConfigError) as info:
+        parse_config(snippet)
+    assert info.value.key_path == key_path
+    assert "has host bits set" in info.value.reason and "did you mean 10.0.0.0/8?" in info.value.reason
