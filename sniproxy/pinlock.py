@@ -20,7 +20,9 @@ def uses_pin_dir(config: Config) -> bool:
 
 
 @contextlib.contextmanager
-def hold_pin_dir(config: Config) -> Iterator[None]:
+def hold_pin_dir(config: Config, user_uid: int | None = None) -> Iterator[None]:
+    """`user_uid`: [server] user's, which may own pin_dir (the proxy hands it over before switching,
+    so it can unpin at stop)."""
     if not uses_pin_dir(config):
         yield
         return
@@ -36,7 +38,7 @@ def hold_pin_dir(config: Config) -> Iterator[None]:
         return
     pin_dir = config.ebpf.pin_dir
     try:
-        lock = claim(pin_dir)
+        lock = claim(pin_dir, owners=() if user_uid is None else (user_uid,))
     except (PinDirBusy, PinDirUnsafe) as exc:
         raise DataPlaneError(f"[ebpf] pin_dir: {exc}") from exc
     except KernelError as exc:  # e.g. not on bpffs: each part then reports its own fallback

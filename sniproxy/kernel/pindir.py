@@ -8,6 +8,7 @@ import errno
 import fcntl
 import os
 import stat
+from collections.abc import Iterable
 
 from .errors import KernelError
 from .loader import ensure_bpffs
@@ -37,17 +38,13 @@ def _holder(st: os.stat_result) -> int | None:
     return None
 
 
-def _trusted_owner(uid: int) -> bool:
-    return uid in (0, os.geteuid())
-
-
-def _check_parents(path: str) -> None:
+def _check_parents(path: str, trusted: frozenset[int]) -> None:
     """Each parent must be owned by root (or us), or not writable by others, or sticky: otherwise its
     owner could rename the pin directory away and put their own in its place."""
     parent = os.path.dirname(path)
     while True:
         st = os.lstat(parent)
-        if not _trusted_owner(st.st_uid) and st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        if st.st_uid not in trusted and st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
             raise PinDirUnsafe(f"{parent} (a parent of the pin directory) is writable by others and "
                                f"owned by uid {st.st_uid}")
         if parent == "/":
@@ -75,10 +72,12 @@ class PinDirLock:
         self.close()
 
 
-def claim(pin_dir: str) -> PinDirLock:
-    """Make `pin_dir` safe to pin into, and this process's alone. Raises PinDirBusy, PinDirUnsafe,
+def claim(pin_dir: str, owners: Iterable[int] = ()) -> PinDirLock:
+    """Make `pin_dir` safe to pin into, and this process's alone. It may be owned by root, this
+    process's user, or one of `owners` (the proxy's [server] user). Raises PinDirBusy, PinDirUnsafe,
     or KernelError (not on bpffs, cannot mount or create it)."""
     path = os.path.abspath(pin_dir)
+    trusted = frozenset((0, os.geteuid(), *owners))
     ensure_bpffs(path)
     created = False
     try:
@@ -100,14 +99,14 @@ def claim(pin_dir: str) -> PinDirLock:
         raise PinDirUnsafe(f"cannot use {path} as the pin directory: {why}") from exc
     try:
         st = os.fstat(fd)  # the directory we hold, not whatever the path names a moment later
-        if not _trusted_owner(st.st_uid):
-            raise PinDirUnsafe(f"{path} is owned by uid {st.st_uid}, not root (or this process's "
-                               f"user {os.geteuid()}): that user could rename or delete the pins; "
-                               f"remove it, or use another [ebpf] pin_dir")
+        if st.st_uid not in trusted:
+            raise PinDirUnsafe(f"{path} is owned by uid {st.st_uid}, not root or the proxy's user "
+                               f"(uids {', '.join(map(str, sorted(trusted)))}): that user could rename "
+                               f"or delete the pins; remove it, or use another [ebpf] pin_dir")
         if st.st_mode & 0o022:
             raise PinDirUnsafe(f"{path} is writable by group or others (mode "
                                f"{stat.S_IMODE(st.st_mode):04o}); chmod go-w it (the proxy creates it 0700)")
-        _check_parents(path)
+        _check_parents(path, trusted)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
