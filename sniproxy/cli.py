@@ -43,9 +43,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="config file whose [ebpf] pin_dir to use (default: %(default)s)")
     allow.add_argument("--pin-dir", help="bpffs directory of the running proxy (overrides -c)")
     allow_ops = allow.add_subparsers(dest="allow_command", required=True)
-    allow_ops.add_parser("list", help="print the live allow-list and the filter's counters")
-    allow_ops.add_parser("add", help="let a CIDR in").add_argument("cidr")
-    delete = allow_ops.add_parser("del", help="stop letting a CIDR in")
+    _pin_options(allow_ops.add_parser("list", help="print the live allow-list and the filter's counters"))
+    _pin_options(allow_ops.add_parser("add", help="let a CIDR in")).add_argument("cidr")
+    delete = _pin_options(allow_ops.add_parser("del", help="stop letting a CIDR in"))
     delete.add_argument("cidr")
     delete.add_argument("--force", action="store_true", help="allow removing the last entry")
     dns = commands.add_parser("dns", help="list the pinned DNS cache (names, addresses, TTL left), "
@@ -54,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="config file whose [ebpf] pin_dir to use (default: %(default)s)")
     dns.add_argument("--pin-dir", help="bpffs directory holding dns_cache (overrides -c)")
     dns_ops = dns.add_subparsers(dest="dns_command")
-    dns_ops.add_parser("flush", help="forget one name, or every name").add_argument("name", nargs="?")
+    _pin_options(dns_ops.add_parser("flush", help="forget one name, or every name")).add_argument(
+        "name", nargs="?")
     stats = commands.add_parser("stats", help="print the kernel's byte counters and the top spliced "
                                 "connections from the pinned maps; no running proxy needed")
     stats.add_argument("-c", "--config", default=DEFAULT_CONFIG,
@@ -63,6 +64,15 @@ def _parser() -> argparse.ArgumentParser:
     stats.add_argument("--top", type=int, default=10, help="connections to list (default: %(default)s)")
     stats.add_argument("--json", action="store_true", help="one JSON document, for scripts")
     return parser
+
+
+def _pin_options(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """-c/--pin-dir accepted after the action too (`sniproxy allow list -c FILE`). SUPPRESS: when
+    not given here, the value parsed before the action (or its default) stands."""
+    sub.add_argument("-c", "--config", default=argparse.SUPPRESS,
+                     help="config file whose [ebpf] pin_dir to use")
+    sub.add_argument("--pin-dir", default=argparse.SUPPRESS, help="bpffs directory (overrides -c)")
+    return sub
 
 
 def _check(path: str) -> int:
@@ -99,12 +109,15 @@ def _run_one(config: Config, user: Account) -> int:
     import uvloop
 
     from sniproxy.dataplane import DataPlaneError, open_dns_cache, open_relay, open_xdp
+    from sniproxy.pinlock import hold_pin_dir
     from sniproxy.resolver import Resolver
     from sniproxy.server import Server
     from sniproxy.systemd import Notifier
 
+    phase = ["start"]  # where an error ends the run: logged as start_failed, serve_failed or stop_failed
+
     async def main() -> None:
-        with open_relay(config.ebpf) as relay:
+        with hold_pin_dir(config, user.uid), open_relay(config.ebpf) as relay:
             # The XDP gate goes up before the listeners bind: no client outside the allow-list can
             # finish a handshake into the accept queue in between.
             ports = [listener.bind.port for listener in config.listeners]
@@ -116,14 +129,16 @@ def _run_one(config: Config, user: Account) -> int:
                                 notifier=Notifier.from_environ())
                 server.bind()
                 _drop_privileges(config, user)
+                phase[0] = "serve"
                 await server.serve()
+                phase[0] = "stop"  # what is left: unpinning and detaching on the way out
 
     from sniproxy.privileges import PrivilegeError
 
     try:
         uvloop.run(main())
     except (OSError, DataPlaneError, PrivilegeError) as exc:  # e.g. the address is taken: one line, not a traceback
-        structlog.get_logger("sniproxy").error("start_failed", error=str(exc))
+        structlog.get_logger("sniproxy").error(f"{phase[0]}_failed", error=str(exc))
         return 1
     return 0
 
@@ -133,12 +148,14 @@ def _run_workers(config: Config, workers: int, user: Account) -> int:
     set up here once, privileges dropped, then the workers are forked (they inherit all of it)."""
     from sniproxy.dataplane import DataPlaneError, open_dns_cache, open_relay, open_xdp
     from sniproxy.listeners import WorkerSockets
+    from sniproxy.pinlock import hold_pin_dir
     from sniproxy.privileges import PrivilegeError
     from sniproxy.systemd import Notifier
     from sniproxy.workers import Supervisor
 
+    phase = "start"  # where an error ends the run: logged as start_failed, serve_failed or stop_failed
     try:
-        with open_relay(config.ebpf) as relay:
+        with hold_pin_dir(config, user.uid), open_relay(config.ebpf) as relay:
             ports = [listener.bind.port for listener in config.listeners]
             with open_xdp(config.xdp, config.ebpf.pin_dir, ports) as xdp, \
                     open_dns_cache(config.ebpf, config.resolver) as dns_cache, \
@@ -161,13 +178,16 @@ def _run_workers(config: Config, workers: int, user: Account) -> int:
                         if new is not None:
                             current[0] = new
 
-                    return Supervisor(workers, sockets, serve, Notifier.from_environ(),
+                    phase = "serve"
+                    code = Supervisor(workers, sockets, serve, Notifier.from_environ(),
                                       config.limits.shutdown_grace, reconfigure,
                                       on_worker_exit=lambda index: relay.forget_worker(index, workers)).run()
+                    phase = "stop"
+                    return code
                 finally:
                     sockets.close()
     except (OSError, DataPlaneError, PrivilegeError) as exc:
-        structlog.get_logger("sniproxy").error("start_failed", error=str(exc))
+        structlog.get_logger("sniproxy").error(f"{phase}_failed", error=str(exc))
         return 1
 
 
@@ -361,6 +381,20 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a pipe closed early shows here, inside the try, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`sniproxy stats --json | head -c 900`): no traceback. Point stdout at
+        # /dev/null so the interpreter's final flush does not raise a second time.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141  # 128 + SIGPIPE, what a shell reports for a command killed by the pipe
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check":
         return _check(args.config)

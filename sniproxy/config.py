@@ -34,6 +34,7 @@ __all__ = [
     "ResolverConfig",
     "RouteConfig",
     "TableConfig",
+    "backend_host",
     "UnixAddress",
     "is_hostname",
     "load_config",
@@ -43,6 +44,7 @@ __all__ = [
     "parse_backend_address",
     "parse_config",
     "parse_match",
+    "template_host",
 ]
 
 
@@ -408,13 +410,119 @@ def _parse_template(host: str, match: MatchSpec) -> tuple[str | int, ...]:
             raise ValueError(
                 f"${part} refers to capture group {part}, but the regex has {groups} group(s)"
             )
-    # Check the shape with a stand-in for each capture; real captures are checked per connection.
-    sample = normalize_hostname("".join("x" if isinstance(p, int) else p for p in parts))
-    if not is_hostname(sample):
-        raise ValueError(f"template {host!r} cannot produce a valid hostname")
+    # Every name the regex accepts may be a client's: build sample names from the regex itself (once
+    # preferring letters, once digits) and refuse a template that turns one into neither a hostname
+    # nor an IP literal. Real captures are still checked per connection (`(\d+)` may give 999).
+    sampled = False
+    for sample in _sample_names(match.regex):
+        m = match.regex.fullmatch(sample)
+        if m is None or not is_hostname(sample):
+            continue  # not a name a client could send (or the sampler guessed wrong)
+        built = template_host(parts, m.groups())
+        if built is None:
+            continue
+        sampled = True
+        if backend_host(built) is None:
+            raise ValueError(f"template {host!r} builds {built!r} from the name {sample!r}, which is "
+                             f"neither a hostname nor an IP address; narrow the regex's groups")
+    if not sampled and all(backend_host("".join(stand_in if isinstance(p, int) else p for p in parts))
+                           is None for stand_in in ("x", "1")):
+        raise ValueError(f"template {host!r} cannot produce a valid hostname or IP address")
     return tuple(parts)
 
 
+def template_host(template: tuple[str | int, ...] | list[str | int],
+                  captures: tuple[str | None, ...]) -> str | None:
+    """The template with its captures substituted (lower-case), or None when a group it uses did
+    not take part in the match or captured nothing."""
+    pieces: list[str] = []
+    for part in template:
+        if isinstance(part, int):
+            value = captures[part - 1] if part <= len(captures) else None
+            if not value:
+                return None
+            pieces.append(value.lower())
+        else:
+            pieces.append(part)
+    return "".join(pieces)
+
+
+def backend_host(text: str) -> str | None:
+    """A backend host built by a template: the canonical IP literal ("[v6]" or a bare IPv4/IPv6
+    address, as nginx's proxy_pass takes from a map) or the normalised hostname; None if neither."""
+    if text.startswith("[") and text.endswith("]"):
+        try:
+            return str(ipaddress.IPv6Address(text[1:-1]))
+        except ValueError:
+            return None
+    ip = _ip_literal(text)
+    if ip is not None:
+        return ip
+    name = normalize_hostname(text)
+    return name if is_hostname(name) else None
+
+
+class _NoSample(Exception):
+    pass
+
+
+def _sample_names(regex: re.Pattern[str]) -> list[str]:
+    """Up to two names `regex` should accept: one choosing letters wherever the regex allows them,
+    one choosing digits. Empty when the regex uses something this small sampler does not model."""
+    import re._constants as c  # the stdlib's own regex parse tree
+    import re._parser as parser
+
+    def one_of(items: list[tuple[Any, Any]], digits: bool) -> str:
+        choices: list[str] = []
+        for op, av in items:
+            if op is c.NEGATE:
+                raise _NoSample
+            if op is c.LITERAL:
+                choices.append(chr(av))
+            elif op is c.RANGE:
+                choices.extend(chr(x) for x in range(av[0], min(av[1], av[0] + 256) + 1))
+            elif op is c.CATEGORY and av is c.CATEGORY_DIGIT:
+                choices.append("1")
+            elif op is c.CATEGORY and av is c.CATEGORY_WORD:
+                choices.extend(("x", "1"))
+            else:
+                raise _NoSample
+        preferred = [ch for ch in choices if ch.isdigit() == digits]
+        if not preferred:
+            return choices[0] if choices else ""
+        # Letters: the last one allowed (for [a-z], 'z' is no hex digit, so "[fd00::$1]" shows).
+        return preferred[0] if digits else max(preferred)
+
+    def build(tree: Any, digits: bool) -> str:
+        out: list[str] = []
+        for op, av in tree:
+            if op is c.LITERAL:
+                out.append(chr(av))
+            elif op is c.NOT_LITERAL:
+                out.append(next(ch for ch in ("1", "x", "y") if ch != chr(av)) if digits
+                           else next(ch for ch in ("x", "y") if ch != chr(av)))
+            elif op is c.ANY:
+                out.append("1" if digits else "x")
+            elif op is c.IN:
+                out.append(one_of(av, digits))
+            elif op in (c.MAX_REPEAT, c.MIN_REPEAT, getattr(c, "POSSESSIVE_REPEAT", None)):
+                low, high, sub = av
+                out.append(build(sub, digits) * (max(low, 1) if high else 0))
+            elif op is c.SUBPATTERN:
+                out.append(build(av[-1], digits))
+            elif op is c.BRANCH:
+                out.append(build(av[1][0], digits))
+            elif op is c.AT:
+                continue
+            else:
+                raise _NoSample
+        return "".join(out)
+
+    try:
+        tree = parser.parse(regex.pattern, regex.flags)
+        return list(dict.fromkeys(normalize_hostname(build(tree, digits)) for digits in (False, True)))
+    except (_NoSample, re.error, RecursionError, TypeError, ValueError):
+        return []
 UNIX_PREFIX = "unix:"
 _SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 for the terminating NUL
 
@@ -756,9 +864,13 @@ def _networks(values: list[object], key_path: str) -> tuple[str, ...]:
         if not isinstance(item, str):
             raise ConfigError(f"{key_path}[{i}]", f"expected a CIDR string, got {_type_name(item)}")
         try:
-            out.append(str(ipaddress.ip_network(item, strict=False)))
+            # strict: "10.0.0.1/8" is refused like in xdp.allow, not silently widened to 10.0.0.0/8.
+            out.append(str(ipaddress.ip_network(item.strip(), strict=True)))
         except ValueError as e:
-            raise ConfigError(f"{key_path}[{i}]", f"not a CIDR: {e}") from None
+            hint = ""
+            with contextlib.suppress(ValueError):
+                hint = f"; did you mean {ipaddress.ip_network(item.strip(), strict=False)}?"
+            raise ConfigError(f"{key_path}[{i}]", f"not a CIDR: {e}{hint}") from None
     return tuple(out)
 
 
@@ -991,7 +1103,11 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         key_path = ""
         if m is not None:
             message = message[: m.start()]
-            key_path = m.group(1) if m.group(1).startswith("line") else ""
+            key_path = m.group(1)
+            if not key_path.startswith("line"):
+                # "end of document" (e.g. an unclosed array): the position of the file's last byte.
+                lines = text.split("\n")
+                key_path = f"line {len(lines)}, column {len(lines[-1]) + 1} (end of file)"
         raise ConfigError(key_path, f"invalid TOML: {message}", source=error_source) from None
     try:
         return _build(doc, source)

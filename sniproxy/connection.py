@@ -10,6 +10,7 @@ import errno
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +38,7 @@ _UNIX_COPY = Relay()
 # the proxy could not serve a client it should have (what `journalctl -p err` must show), warning when
 # a policy turned it away or the backend cut it; the rest (normal ends, client-side faults) info.
 _ERROR_OUTCOMES = frozenset({"connect_failed", "resolve_failed", "internal_error"})
-_WARNING_OUTCOMES = frozenset({"backend_refused", "backend_reset", "over_limit", "over_limit_per_ip",
+_WARNING_OUTCOMES = frozenset({"backend_refused", "backend_self", "backend_reset", "over_limit", "over_limit_per_ip",
                                "proxy_protocol_untrusted"})
 
 
@@ -71,6 +72,9 @@ class Policy:
     # Set when the listener expects a PROXY header: the networks allowed to send one.
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None = None
     protocol: str = "tls"  # the listener's: "tls" routes on the SNI, "http" on the Host header
+    # Is an IP an address of this host (localaddrs.LocalAddresses.contains)? Dynamic routes never
+    # connect there unless the table allows it: the proxy would connect to itself until full.
+    is_local: Callable[[Any], bool] | None = None
 
 
 class _Rejected(Exception):
@@ -144,6 +148,10 @@ class Connection:
         self.hello: tls.ClientHello | None = None
         self.head: http_head.RequestHead | None = None
         self.route: Route | None = None
+        # Rules that matched the name but could not build a backend from it: logged, never silent.
+        self.route_skipped: tuple[str, ...] = ()
+        # Bytes the proxy itself sent the backend (a PROXY header): not the client's, so not bytes_up.
+        self.added_up = 0
         self.backend_address: Any = None  # (ip, port) of the connected backend, or "unix:/path"
         self.backend_host: str | None = None  # the host (name or IP) of the backend it served from
         self._balanced: BackendAddress | None = None  # counted open in the balancer until the end
@@ -174,21 +182,24 @@ class Connection:
             if self.policy.protocol == "http":
                 self.head = await self._read_head()
                 self.state = State.ROUTING
-                self.route = self.policy.table.route(self.head.host)
+                self.route, self.route_skipped = self.policy.table.lookup(self.head.host)
                 if self.route is None:
                     await self._refuse_http_request()
             else:
                 self.hello = await self._read_hello()
                 self.state = State.ROUTING
-                self.route = self.policy.table.route(self.hello.sni, self.hello.alpn)
+                self.route, self.route_skipped = self.policy.table.lookup(self.hello.sni, self.hello.alpn)
                 if self.route is None:
                     await self._send_alert(tls.AlertDescription.UNRECOGNIZED_NAME)
-                    raise _Rejected("no_route", f"no route for sni {self.hello.sni!r}")
+                    raise _Rejected("no_route", f"no route for sni {self.hello.sni!r}"
+                                    + "".join(f"; {why}" for why in self.route_skipped))
             backend = await self._open_backend()
             self.state = State.RELAYING
             first = bytes(self.buffered)
             if self.route.proxy_protocol:
-                first = self._proxy_header(self.route.proxy_protocol) + first
+                header = self._proxy_header(self.route.proxy_protocol)
+                self.added_up = len(header)
+                first = header + first
             # The relay owns both sockets from here on and closes them.
             client, self.client, relay_backend, backend = self.client, None, backend, None
             idle = self.policy.limits.idle_timeout
@@ -409,12 +420,18 @@ class Connection:
             addresses = await self.resolver.resolve(target.host)
         except ResolveError as exc:
             raise _Rejected("resolve_failed", str(exc)) from None
-        allowed = [a for a in addresses if self.policy.table.backend_allowed(self.route, a)]
+        allowed, refusals = [], []
+        for address in addresses:
+            refusal = self.policy.table.backend_refusal(self.route, address, self.policy.is_local)
+            if refusal is None:
+                allowed.append(address)
+            else:
+                refusals.append(refusal)
         if not allowed:
-            raise _Rejected("backend_refused",
-                            f"{target.host} resolved to {', '.join(addresses)}: a dynamic route "
-                            "may not reach private, loopback, link-local or multicast addresses "
-                            "(allow_private_backends)")
+            # "backend_self" when any address was this host's: that is the loop to look into.
+            kind = next((r.outcome for r in refusals if r.outcome == "backend_self"), refusals[0].outcome)
+            raise _Rejected(kind, f"{target.host}: " + "; ".join(r.reason for r in refusals)
+                            + ": a dynamic route may not reach it (allow_private_backends)")
         self.state = State.CONNECTING
         return await self._connect(allowed, target.port, self._share(left))
 
@@ -509,7 +526,7 @@ class Connection:
             "backend_host": self.backend_host,
             "backend": (self.backend_address if isinstance(self.backend_address, str)
                         else peer_text(self.backend_address) if self.backend_address else None),
-            "bytes_up": result.bytes_up if result else 0,
+            "bytes_up": max(result.bytes_up - self.added_up, 0) if result else 0,
             "bytes_down": result.bytes_down if result else 0,
             "duration_ms": round((time.monotonic() - self.started) * 1000, 3),
             "relay": result.mode if result else None,
@@ -520,6 +537,8 @@ class Connection:
             event["via"] = peer_text(self.via)
         if self._tried:
             event["backend_failed"] = self._tried
+        if self.route_skipped:
+            event["route_skipped"] = list(self.route_skipped)
         if reason:
             event["reason"] = reason
         if result and result.fallback_reason:

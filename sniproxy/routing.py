@@ -1,13 +1,15 @@
 # Owns route selection: a TableConfig compiled into a RouteTable that maps an SNI name (and the
 # client's ALPN protocols) to a Route. Invariant: pure and total: route() never raises, the first rule
 # in config order whose name and ALPN both match wins, and a dynamic Route's host is always a valid
-# hostname (never an IP literal taken from the client). Which of a Route's backends serves a
+# hostname or an IP literal built by a `$N` template (as nginx's map + proxy_pass would; never an SNI
+# that is an IP literal), checked like any resolved one. Which of a Route's backends serves a
 # connection is sniproxy.balancer's business, not this module's.
 from __future__ import annotations
 
-import ipaddress
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from sniproxy.backend_guard import BackendGuard, IPAddress, Refusal
 
 from sniproxy.config import (
     Address,
@@ -18,10 +20,12 @@ from sniproxy.config import (
     MatchSpec,
     TableConfig,
     UnixAddress,
+    backend_host,
     is_hostname,
     normalize_hostname,
     parse_backend,
     parse_match,
+    template_host,
 )
 
 __all__ = ["Route", "RouteTable"]
@@ -63,25 +67,20 @@ class _Rule:
     def accepts(self, alpn: Sequence[str]) -> bool:
         return not self.alpn or any(p in self.alpn for p in alpn)
 
-    def target(self, name: str, captures: tuple[str | None, ...] = ()) -> Route | None:
-        """The Route for `name` (already matched), or None when a capture yields no valid host."""
+    def target(self, name: str, captures: tuple[str | None, ...] = ()) -> Route | str:
+        """The Route for `name` (already matched), or why this rule cannot route it."""
         if self.fixed is not None:
             return self.fixed
         backend = self.backend
         if backend.kind is BackendKind.SNI:
             return Route(name, backend.port, self.pattern, True, self.proxy_protocol)
-        pieces: list[str] = []
-        for part in backend.template:
-            if isinstance(part, int):
-                value = captures[part - 1] if part <= len(captures) else None
-                if not value:
-                    return None  # group did not take part, or captured nothing
-                pieces.append(value.lower())
-            else:
-                pieces.append(part)
-        host = normalize_hostname("".join(pieces))
-        if not is_hostname(host):
-            return None
+        built = template_host(backend.template, captures)
+        if built is None:
+            return f"rule {self.pattern!r}: a group its backend uses captured nothing from {name!r}"
+        host = backend_host(built)
+        if host is None:
+            return (f"rule {self.pattern!r}: {name!r} builds backend host {built!r}, neither a "
+                    f"hostname nor an IP address")
         return Route(host, backend.port, self.pattern, True, self.proxy_protocol)
 
 
@@ -92,7 +91,7 @@ class RouteTable:
     def __init__(self, name: str, rules: tuple[_Rule, ...], fallback: Route | None,
                  allow_private: tuple[str, ...] = ()) -> None:
         self.name = name
-        self._allow_private = tuple(ipaddress.ip_network(n) for n in allow_private)
+        self._guard = BackendGuard(allow_private)
         self._rules = rules
         self._fallback = fallback
         # name / suffix ("example.test") -> its rules in order (several only when they differ in ALPN)
@@ -133,19 +132,19 @@ class RouteTable:
     def fallback(self) -> Route | None:
         return self._fallback
 
-    def backend_allowed(self, route: Route, address: str) -> bool:
-        """May `route` connect to the resolved IP `address`? Static routes always may: the operator
-        wrote the backend. Dynamic ones (host chosen by the client) may reach only global addresses,
-        unless the table allows a network explicitly: otherwise the proxy is an open relay into the
-        host's own loopback and private networks."""
+    def backend_refusal(self, route: Route, address: str,
+                        is_local: Callable[[IPAddress], bool] | None = None) -> Refusal | None:
+        """Why `route` may not connect to the resolved IP `address`, or None. Static routes always
+        may: the operator wrote the backend. Dynamic ones (host chosen by the client) may not reach
+        special-purpose ranges nor this host itself (`is_local`), unless the table allows a network
+        explicitly: otherwise the proxy is an open relay into the host's own networks, or a loop."""
         if not route.dynamic:
-            return True
-        ip = ipaddress.ip_address(address)
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        if ip.is_global and not ip.is_multicast:
-            return True
-        return any(ip in network for network in self._allow_private)
+            return None
+        return self._guard.refusal(address, is_local)
+
+    def backend_allowed(self, route: Route, address: str,
+                        is_local: Callable[[IPAddress], bool] | None = None) -> bool:
+        return self.backend_refusal(route, address, is_local) is None
 
     def __len__(self) -> int:
         return len(self._rules)
@@ -159,15 +158,21 @@ class RouteTable:
         `alpn` matches only a client that offers at least one of its protocols (exact, case-sensitive
         comparison, as RFC 7301 says).
         """
+        return self.lookup(sni, alpn)[0]
+
+    def lookup(self, sni: str | None, alpn: Sequence[str] = ()) -> tuple[Route | None, tuple[str, ...]]:
+        """route(), and why each rule that matched the name but could not build a backend from it
+        was passed over (so a connection that lands on a later rule or the fallback says why)."""
         if not isinstance(sni, str):
-            return self._fallback
+            return self._fallback, ()
         name = normalize_hostname(sni)
         if not is_hostname(name):
-            return self._fallback
-        route = self._match(name, alpn)
-        return route if route is not None else self._fallback
+            return self._fallback, ()
+        skipped: list[str] = []
+        route = self._match(name, alpn, skipped)
+        return (route if route is not None else self._fallback), tuple(skipped)
 
-    def _match(self, name: str, alpn: Sequence[str]) -> Route | None:
+    def _match(self, name: str, alpn: Sequence[str], skipped: list[str]) -> Route | None:
         best = _first(self._exact.get(name), alpn)
         dot = name.find(".")
         while dot >= 0:
@@ -182,16 +187,21 @@ class RouteTable:
             if not rule.accepts(alpn):
                 continue
             if rule.match.kind is MatchKind.CATCH_ALL:
-                route = rule.target(name)
+                target = rule.target(name)
             else:
                 assert rule.match.regex is not None
                 m = rule.match.regex.fullmatch(name)
                 if m is None:
                     continue
-                route = rule.target(name, m.groups())
-            if route is not None:
-                return route
-        return best.target(name) if best is not None else None
+                target = rule.target(name, m.groups())
+            if isinstance(target, Route):
+                return target
+            skipped.append(target)
+        if best is None:
+            return None
+        target = best.target(name)
+        assert isinstance(target, Route)  # exact and wildcard rules never use captures
+        return target
 
 
 def _first(rules: list[_Rule] | None, alpn: Sequence[str]) -> _Rule | None:

@@ -9,7 +9,9 @@ import errno
 import ipaddress
 import signal
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
@@ -21,6 +23,7 @@ from sniproxy.dataplane import DataPlaneError, XdpGate
 from sniproxy.health import HealthChecker, balanced_backends
 from sniproxy.listeners import ListenerError, ListenerSource, LocalBinder, bind_listener, ungated
 from sniproxy.listeners import listener_name as _listener_name
+from sniproxy.localaddrs import LocalAddresses
 from sniproxy.relay import Relay
 from sniproxy.resolver import Resolver
 from sniproxy.routing import RouteTable
@@ -36,8 +39,9 @@ _ACCEPT_BACKOFF = 0.1
 _STATUS_INTERVAL = 5.0
 
 
-def build_policies(config: Config) -> dict[str, Policy]:
-    """One Policy per listener name; a pure function of the config so reload can swap them whole."""
+def build_policies(config: Config, is_local: Callable[[Any], bool] | None = None) -> dict[str, Policy]:
+    """One Policy per listener name; a pure function of the config (and of the process's view of
+    its own addresses) so reload can swap them whole."""
     tables = {name: RouteTable.from_config(table) for name, table in config.tables.items()}
     return {
         _listener_name(listener): Policy(
@@ -47,6 +51,7 @@ def build_policies(config: Config) -> dict[str, Policy]:
             trusted_proxies=(tuple(ipaddress.ip_network(n) for n in listener.trusted)
                              if listener.accept_proxy_protocol else None),
             protocol=listener.protocol,
+            is_local=is_local,
         )
         for listener in config.listeners
     }
@@ -75,7 +80,8 @@ class Server:
     listener_source: ListenerSource = field(default_factory=LocalBinder)
 
     def __post_init__(self) -> None:
-        self._policies = build_policies(self.config)
+        self.local_addresses = LocalAddresses()
+        self._policies = build_policies(self.config, self.local_addresses.contains)
         # The XDP filter gates the ports it attached with; a reload may not open another one.
         self._gated_ports = (frozenset(lst.bind.port for lst in self.config.listeners)
                              if self.xdp is not None else None)
@@ -140,6 +146,8 @@ class Server:
                                 (signal.SIGHUP, self.request_reload)):
                 loop.add_signal_handler(sig, action)
                 handled.append(sig)
+        # Before the first accept: a dynamic route must know this host's addresses from the start.
+        self.local_addresses.start(loop)
         for entry in self._listening:
             self._watch(entry)
         log.info("listening", listeners=[e.name for e in self._listening], relay=self.relay.mode)
@@ -175,6 +183,7 @@ class Server:
                 if self._heartbeat is not None:
                     self._heartbeat.cancel()
                     self._heartbeat = None
+                self.local_addresses.close()
 
     def reload(self) -> bool:
         """Re-read the config file; new connections use it, established ones keep what they had.
@@ -194,7 +203,7 @@ class Server:
     def _reload_file(self) -> bool:
         try:
             config = load_config(self.config.source)
-            policies = build_policies(config)
+            policies = build_policies(config, self.local_addresses.contains)
         except ConfigError as exc:
             self.listener_source.acquire(())  # close whatever a supervisor offered for this reload
             return self._rejected(str(exc))

@@ -278,7 +278,7 @@ class DnsMap:
         path = os.path.join(pin_dir, MAP_NAME)
         ensure_bpffs(pin_dir)
         try:
-            os.makedirs(pin_dir, exist_ok=True)
+            os.makedirs(pin_dir, mode=0o700, exist_ok=True)
         except OSError as e:
             raise KernelError(f"creating {pin_dir} failed", e.strerror or str(e)) from e
         reuse, carry = _check_pin(path, size)

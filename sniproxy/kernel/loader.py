@@ -83,7 +83,9 @@ def ensure_bpffs(pin_dir: str) -> None:
     if not (pin == BPFFS_ROOT or pin.startswith(BPFFS_ROOT + "/")):
         raise KernelError(f"{pin_dir} is not on a bpf filesystem")
     libc = ct.CDLL(None, use_errno=True)
-    if libc.mount(b"bpf", BPFFS_ROOT.encode(), b"bpf", 0, None) != 0:
+    # mode=0700: the kernel's default for a new bpffs is 1777, where any user may create the pin
+    # directory first (issue 15); systemd mounts /sys/fs/bpf 0700 too.
+    if libc.mount(b"bpf", BPFFS_ROOT.encode(), b"bpf", 0, b"mode=0700") != 0:
         err = ct.get_errno()
         raise KernelError(f"mounting bpffs on {BPFFS_ROOT} failed", os.strerror(err))
 
@@ -182,7 +184,7 @@ class DataPlane:
         created = False
         try:
             if not os.path.isdir(pin_dir):
-                os.makedirs(pin_dir, exist_ok=True)
+                os.makedirs(pin_dir, mode=0o700, exist_ok=True)
                 created = True
         except OSError as e:
             bpf.cleanup()

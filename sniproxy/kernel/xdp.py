@@ -418,7 +418,7 @@ class XdpAllowList:
             for port in ports:
                 maps.update(gate.fds["xdp_ports"], ct.c_uint16(port), ct.c_uint8(1), what="xdp_ports")
             gate.allow_list.replace(allow)
-            os.makedirs(pin_dir, exist_ok=True)
+            os.makedirs(pin_dir, mode=0o700, exist_ok=True)
             gate._pins = PinDir(pin_dir)
             for name in PINNED_MAPS:
                 path = os.path.join(pin_dir, name)

@@ -75,6 +75,26 @@ async def test_proxy_protocol_to_backend_carries_the_client_address(header_backe
     assert event["client"] == f"127.0.0.1:{client_port}" and event["outcome"] == "closed"
 
 
+@pytest.mark.parametrize("version", ["v1", "v2"])
+async def test_bytes_up_counts_the_clients_bytes_not_our_proxy_header(header_backend, start_proxy,
+                                                                       relay_mode, version):
+    """bytes_up is what the client sent; the PROXY header the proxy adds is not (issue 15)."""
+    port = free_port()
+    proxy = start_proxy(configs.listener(f"127.0.0.1:{port}")
+                        + configs.table("default", [("pp.test", f"127.0.0.1:{header_backend.port}", version)])
+                        + configs.common())
+    hello = real_client_hello("pp.test")
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(hello)
+    async with asyncio.timeout(5):
+        answer = await reader.read()
+    writer.close()
+    assert answer.startswith(version.encode())
+    (event,) = await proxy.access()
+    assert event["bytes_up"] == len(hello), (event["bytes_up"], len(hello))
+    assert event["bytes_down"] == len(answer)
+
+
 def dynamic_config(port: int, backend_port: int, dns_address: str, allow) -> str:
     return (configs.listener(f"127.0.0.1:{port}")
             + configs.table("default", [("*", f"*:{backend_port}", "v1")], allow_private=allow)

@@ -125,3 +125,23 @@ def test_stats_without_pinned_maps_says_why(tmp_path) -> None:
     res = _cli("--pin-dir", str(tmp_path / "none"), "--json")
     assert res.returncode == 1 and res.stdout == ""
     assert "no traffic_stats map pinned at" in res.stderr and "[ebpf] splice = true" in res.stderr
+
+
+def test_stats_into_a_closed_pipe_ends_without_a_traceback(dataplane) -> None:
+    """`sniproxy stats --json | head -c 900` with the reader gone before the write: a real EPIPE
+    (the pipe's read end is closed before the CLI starts), exit status 141, nothing on stderr."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([sys.executable, "-m", "sniproxy", "stats", "--pin-dir", dataplane.pin_dir,
+                                 "--json"], stdout=write_end, stderr=subprocess.PIPE, text=True,
+                                cwd=REPO, timeout=60)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 141 and result.stderr == "", result.stderr
+    # And through a real `head -c 900`: whatever it keeps is the start of the JSON document.
+    shell = subprocess.run(["sh", "-c", f"{sys.executable} -m sniproxy stats --pin-dir {dataplane.pin_dir} "
+                            f"--json --top 1000 | head -c 900"], capture_output=True, text=True, cwd=REPO,
+                           timeout=60)
+    assert shell.returncode == 0 and "Traceback" not in shell.stderr and "Error" not in shell.stderr
+    assert shell.stdout.startswith("{")

@@ -513,6 +513,10 @@ async def test_cli_edits_the_live_list_and_says_config_is_untouched(
     assert listed.returncode == 0, listed.stderr
     assert listed.stdout.split() == allow
     assert "dropped=" in listed.stderr and "warning" not in listed.stderr
+    # Options after the action work too (issue 15: `allow list -c FILE` was refused).
+    for options in (["-c", str(proxy.config_path)], ["--pin-dir", pin_dir]):
+        after = cli("allow", "list", *options)
+        assert after.returncode == 0 and after.stdout.split() == allow, after.stderr
 
     added = cli("allow", "-c", str(proxy.config_path), "add", d.net_v4)
     assert added.returncode == 0, added.stderr

@@ -324,6 +324,10 @@ ERROR_CASES = [
     pytest.param([LISTENER, routes(("~(a)\\.test", "$1.c.test"))], "table.default.routes[0].backend", "port", id="template-no-port"),
     pytest.param([LISTENER, routes(("~(a)\\.test", "$1.c.test:$1"))], "table.default.routes[0].backend", "port", id="template-in-port"),
     pytest.param([LISTENER, routes(("~(a)\\.test", "$1..test:1"))], "table.default.routes[0].backend", "hostname", id="template-bad-shape"),
+    # Templates that some name the regex accepts turns into neither a hostname nor an IP (issue 15, 9).
+    pytest.param([LISTENER, routes(("~^(\\w+)\\.test$", "$1:1"))], "table.default.routes[0].backend", "builds '1' from the name '1.test'", id="template-digits-only-host"),
+    pytest.param([LISTENER, routes(("~a(-\\w+)\\.test", "$1.in.test:1"))], "table.default.routes[0].backend", "neither a hostname nor an IP", id="template-leading-hyphen"),
+    pytest.param([LISTENER, routes(("~^v([a-z]+)\\.test$", "[fd00::$1]:1"))], "table.default.routes[0].backend", "neither a hostname nor an IP", id="template-ipv6-not-hex"),
     # wrong types: bool is not an int, and numbers have ranges
     pytest.param([MINIMAL, "[limits]\nmax_connections = true"], "limits.max_connections", "integer", id="bool-not-int"),
     pytest.param([MINIMAL, "[resolver]\ntries = false"], "resolver.tries", "integer", id="bool-not-int-tries"),
@@ -389,6 +393,8 @@ def test_rejected(parts, key_path, reason):
         [("~^(\\w+)\\.svc\\.test$", "$1.internal.test:443")],
         [("~(a)(b)(c)(d)(e)(f)(g)(h)(i)", "$9-$1.x.test:1")],
         [("~(?P<n>\\w+)\\.test", "$1.x.test:1")],
+        [("~^ip(\\d+)\\.lit\\.test$", "127.0.0.$1:443")],  # nginx-style IP literal (issue 15, 9)
+        [("~^v6-([0-9a-f]{1,4})\\.test$", "[fd00::$1]:443")],
         [("APP.Example.Test.", "Backend.Test.:1")],
         [("_acme.test", "[2001:db8::1]:443")],
         [("*.test", "b.test:1"), ("*.a.test", "c.test:1")],  # reachable: the order decides, not an error
@@ -565,3 +571,30 @@ def test_http_listener_and_head_limits_parse():
 def test_http_head_limits_default():
     config = cfg(MINIMAL)
     assert (config.limits.http_head_timeout, config.limits.max_http_head_size) == (5.0, 16384)
+
+
+# -- issue 15, defect 11 ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, position", [
+    ("a = [1,\n", "line 2, column 1 (end of file)"),
+    ("[[listener]]\nbind = \"127.0.0.1:1\"\nroutes = [", "line 3, column 11 (end of file)"),
+    ("x = = 1\n", "line 1, column 5"),
+])
+def test_toml_syntax_errors_name_line_and_column(text, position):
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "f.toml")
+    assert info.value.key_path == position
+    assert str(info.value).startswith(f"f.toml: {position}: invalid TOML: ")
+
+
+@pytest.mark.parametrize("snippet, key_path", [
+    ('[[listener]]\nbind = "127.0.0.1:1"\naccept_proxy_protocol = true\ntrusted = ["10.0.0.1/8"]\n'
+     '[table.default]\n', "listener[0].trusted[0]"),
+    ('[[listener]]\nbind = "127.0.0.1:1"\n[table.default]\nallow_private_backends = ["10.1.2.3/8"]\n',
+     "table.default.allow_private_backends[0]"),
+])
+def test_cidrs_with_host_bits_are_refused_like_xdp_allow(snippet, key_path):
+    with pytest.raises(ConfigError) as info:
+        parse_config(snippet)
+    assert info.value.key_path == key_path
+    assert "has host bits set" in info.value.reason and "did you mean 10.0.0.0/8?" in info.value.reason

@@ -59,12 +59,14 @@ CASES = [
     # captures that cannot form a host fall through to the next rule
     pytest.param([(r"~(\w*)x\.test", "$1.in.test:1"), ("*", "c.test:2")], "x.test", Route("c.test", 2, "*", False), id="capture-empty"),
     pytest.param([(r"~(a)?b\.test", "$1.in.test:1"), ("*", "c.test:2")], "b.test", Route("c.test", 2, "*", False), id="capture-not-taken"),
-    pytest.param([(r"~a(-\w+)\.test", "$1.in.test:1"), ("*", "c.test:2")], "a-b.test", Route("c.test", 2, "*", False), id="capture-leading-hyphen"),
     pytest.param([(r"~([a-z.]+)\.x\.test", "$1.in.test:1")], "a.x.test", Route("a.in.test", 1, r"~([a-z.]+)\.x\.test", True), id="capture-ok"),
     pytest.param([(r"~(.*)", "$1:1"), ("*", "c.test:2")], "10.0.0.1", None, id="ip-sni-never-matches"),
-    pytest.param([(r"~(\d+)\.(.*)", "10.0.0.$1:1"), ("*", "c.test:2")], "5.a.test", Route("c.test", 2, "*", False), id="template-never-yields-ip"),
-    pytest.param([(r"~(\w+)\.test", "$1:1"), ("*", "c.test:2")], "42.test", Route("c.test", 2, "*", False), id="template-all-digit-host"),
     pytest.param([(r"~([a-z]+)(\d*)\.test", "h$2.x:1"), ("*", "c.test:2")], "ab.test", Route("c.test", 2, "*", False), id="template-optional-empty"),
+    # IP literals built from captures route as nginx's map + proxy_pass does (issue 15, defect 9).
+    pytest.param([(r"~^ip(\d+)\.lit\.test$", "127.0.0.$1:443")], "ip5.lit.test", Route("127.0.0.5", 443, r"~^ip(\d+)\.lit\.test$", True), id="template-builds-ipv4"),
+    pytest.param([(r"~(\d+)\.(.*)", "10.0.0.$1:1"), ("*", "c.test:2")], "5.a.test", Route("10.0.0.5", 1, r"~(\d+)\.(.*)", True), id="template-builds-ipv4-first-label"),
+    pytest.param([(r"~^v6-([0-9a-f]{1,4})\.test$", "[fd00::$1]:443")], "v6-BEEF.test", Route("fd00::beef", 443, r"~^v6-([0-9a-f]{1,4})\.test$", True), id="template-builds-ipv6"),
+    pytest.param([(r"~^ip(\d+)\.lit\.test$", "127.0.0.$1:443"), ("*", "c.test:2")], "ip999.lit.test", Route("c.test", 2, "*", False), id="template-ip-out-of-range-next-rule"),
     # precedence: first match in config order, whatever the kind
     pytest.param([("*.example.test", "w.test:1"), ("a.example.test", "e.test:1")], "a.example.test", Route("w.test", 1, "*.example.test", False), id="wildcard-before-exact"),
     pytest.param([("a.example.test", "e.test:1"), ("*.example.test", "w.test:1")], "a.example.test", Route("e.test", 1, "a.example.test", False), id="exact-before-wildcard"),
@@ -163,7 +165,7 @@ _EVERY_KIND = table(
     ("*.example.test", "*:443"),
     (r"~^(\w+)\.svc\.test$", "$1.internal.test:443"),
     (r"~(.*)\.(.*)\.(.*)", "$3.$1.$2:1"),
-    (r"~([^.]*)-(.*)", "$2-x.$1:1"),
+    (r"~([^.]*)-(.*)", "$2-x.$1.test:1"),
     ("*", "*:443"),
     fallback="127.0.0.1:1",
 )
@@ -197,7 +199,8 @@ def _table(allow=()):
 
 @pytest.mark.parametrize("address", [
     "127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.0.1", "169.254.1.1", "100.64.0.1", "0.0.0.0",
-    "224.0.0.1", "::1", "fe80::1", "fd00::1", "::", "ff02::1", "::ffff:127.0.0.1",
+    "224.0.0.1", "::1", "fe80::1", "fd00::1", "::", "ff02::1", "::ffff:127.0.0.1", "fec0::1",
+    "64:ff9b::7f00:1", "::1.2.3.4", "::ffff:0:102:304",
 ])
 def test_dynamic_route_refuses_non_global_addresses(address):
     table = _table()
@@ -224,3 +227,27 @@ def test_allowed_private_networks_are_honoured():
     route = table.route("anything.test")
     assert table.backend_allowed(route, "127.0.0.5")
     assert not table.backend_allowed(route, "10.0.0.1")
+
+
+def test_a_rule_passed_over_says_why():
+    """A connection that lands on a later rule or the fallback carries why the first rule could not
+    route it: never a silent re-route (issue 15, defect 9)."""
+    rt = table((r"~^ip(\d+)\.lit\.test$", "127.0.0.$1:443"), fallback="192.0.2.1:443")
+    route, skipped = rt.lookup("ip999.lit.test")
+    assert route == rt.fallback
+    assert len(skipped) == 1 and "'127.0.0.999'" in skipped[0] and "neither a hostname nor an IP" in skipped[0]
+    assert rt.lookup("ip7.lit.test") == (Route("127.0.0.7", 443, r"~^ip(\d+)\.lit\.test$", True), ())
+    route, skipped = table((r"~(a)?b\.test", "$1.in.test:1"), fallback="192.0.2.1:1").lookup("b.test")
+    assert route is not None and route.rule == "fallback" and "captured nothing" in skipped[0]
+
+
+def test_an_ip_literal_built_by_a_template_meets_the_open_proxy_guard():
+    from sniproxy.config import RouteConfig, TableConfig
+    routes = (RouteConfig(r"~^ip(\d+)\.lit\.test$", "127.0.0.$1:443"),)
+    closed = RouteTable.from_config(TableConfig(name="t", routes=routes))
+    route = closed.route("ip1.lit.test")
+    assert route is not None and route.dynamic and route.host == "127.0.0.1"
+    refusal = closed.backend_refusal(route, "127.0.0.1")
+    assert refusal is not None and refusal.outcome == "backend_refused" and "127.0.0.0/8" in refusal.reason
+    opened = RouteTable.from_config(TableConfig(name="t", routes=routes, allow_private_backends=("127.0.0.0/8",)))
+    assert opened.backend_allowed(opened.route("ip1.lit.test"), "127.0.0.1")
