@@ -152,8 +152,15 @@ def container() -> Iterator[Container]:
     box = Container(f"sniproxy-test-{os.getpid()}")
     try:
         box.start()
+        # A machine that never had the user (this one has it from make setup): install.sh creates it.
+        box.run("deluser", "--quiet", "sniproxy")
         res = box.run("bash", "-c", f"cd {REPO} && scripts/install.sh")
         assert "installed /etc/sniproxy/config.toml" in res.stderr
+        assert "created system user sniproxy" in res.stderr, res.stderr
+        entry = box.run("getent", "passwd", "sniproxy").stdout.strip().split(":")
+        assert int(entry[2]) > 0 and entry[6] == "/usr/sbin/nologin", entry
+        res = box.run("bash", "-c", f"cd {REPO} && scripts/install.sh")  # idempotent: the user is kept
+        assert "created system user" not in res.stderr, res.stderr
         yield box
     finally:
         box.close()
