@@ -3,7 +3,7 @@ PY := .venv/bin/python
 CONFIG ?= config.toml
 PYTEST_ARGS ?=
 
-.PHONY: setup run test check bench fuzz install clean
+.PHONY: setup run test check bench fuzz install clean dashboard-png
 
 setup:
 	@bash scripts/setup.sh
@@ -23,6 +23,13 @@ BENCH_ARGS ?=
 bench:
 	@bash scripts/setup.sh --bench
 	$(PY) bench/run_all.py $(BENCH_ARGS)
+
+# docs/dashboard.png: the dashboard's main graphs from a real run (a 2-worker splice+XDP proxy under
+# traffic, scraped by a real Prometheus), drawn with matplotlib from Prometheus's query API. As root.
+DASHBOARD_SECONDS ?= 150
+dashboard-png:
+	@bash scripts/setup.sh --docs
+	$(PY) scripts/dashboard_png.py --seconds $(DASHBOARD_SECONDS) --out docs/dashboard.png
 
 # A few minutes of mixed traffic and faults in copy and splice mode (60 s each inside `make test`).
 SOAK_SECONDS ?= 120

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import os
 import sys
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
 
     from sniproxy.dataplane import XdpGate
     from sniproxy.dnscache import DnsCache
+    from sniproxy.listeners import WorkerSockets
     from sniproxy.privileges import Account
     from sniproxy.relay import Relay
 
@@ -107,7 +109,8 @@ def _run_one(config: Config, user: Account) -> int:
             # finish a handshake into the accept queue in between.
             ports = [listener.bind.port for listener in config.listeners]
             with open_xdp(config.xdp, config.ebpf.pin_dir, ports) as xdp, \
-                    open_dns_cache(config.ebpf, config.resolver) as dns_cache:
+                    open_dns_cache(config.ebpf, config.resolver) as dns_cache, \
+                    _metrics(config, relay, xdp, dns_cache, 1):
                 resolver = Resolver(config.resolver, dns_cache)
                 server = Server(config, relay=relay, xdp=xdp, resolver=resolver,
                                 notifier=Notifier.from_environ())
@@ -129,8 +132,8 @@ def _run_workers(config: Config, workers: int, user: Account) -> int:
     """The supervisor: BPF objects, XDP, the DNS cache map and every worker's listening sockets are
     set up here once, privileges dropped, then the workers are forked (they inherit all of it)."""
     from sniproxy.dataplane import DataPlaneError, open_dns_cache, open_relay, open_xdp
+    from sniproxy.listeners import WorkerSockets
     from sniproxy.privileges import PrivilegeError
-    from sniproxy.server import bind_worker_listeners
     from sniproxy.systemd import Notifier
     from sniproxy.workers import Supervisor
 
@@ -138,33 +141,66 @@ def _run_workers(config: Config, workers: int, user: Account) -> int:
         with open_relay(config.ebpf) as relay:
             ports = [listener.bind.port for listener in config.listeners]
             with open_xdp(config.xdp, config.ebpf.pin_dir, ports) as xdp, \
-                    open_dns_cache(config.ebpf, config.resolver) as dns_cache:
-                sockets = bind_worker_listeners(config.listeners, workers)
+                    open_dns_cache(config.ebpf, config.resolver) as dns_cache, \
+                    _metrics(config, relay, xdp, dns_cache, workers):
+                sockets = WorkerSockets(config.listeners, workers)
+                # What a worker started from now on serves: the last file whose listeners were bound.
+                current = [config]
+                gated = frozenset(ports) if xdp is not None else None
                 try:
                     _drop_privileges(config, user)
 
-                    def serve(index: int, channel: int) -> int:
+                    def serve(index: int, channel: int, inbox: int) -> int:
                         # Worker 0 alone applies xdp.allow on reload: one writer for the shared list.
-                        return _serve_worker(config, relay, xdp if index == 0 else None, dns_cache,
-                                             sockets[index], index, workers, channel)
+                        return _serve_worker(current[0], relay, xdp if index == 0 else None, dns_cache,
+                                             [sock for _, sock in sockets.for_worker(index)], index,
+                                             workers, channel, inbox)
+
+                    def reconfigure() -> None:
+                        new = _supervisor_reload(config.source, sockets, gated)
+                        if new is not None:
+                            current[0] = new
 
                     return Supervisor(workers, sockets, serve, Notifier.from_environ(),
-                                      config.limits.shutdown_grace,
+                                      config.limits.shutdown_grace, reconfigure,
                                       on_worker_exit=lambda index: relay.forget_worker(index, workers)).run()
                 finally:
-                    for socks in sockets:
-                        for sock in socks:
-                            sock.close()
+                    sockets.close()
     except (OSError, DataPlaneError, PrivilegeError) as exc:
         structlog.get_logger("sniproxy").error("start_failed", error=str(exc))
         return 1
 
 
+def _supervisor_reload(source: str, sockets: WorkerSockets,
+                       gated: frozenset[int] | None) -> Config | None:
+    """The supervisor's part of SIGHUP: bind the new file's new listeners for every worker and close
+    the removed ones' sockets. The new Config, or None (logged) when the file or a bind failed: the
+    workers then refuse their reload too, for want of the sockets."""
+    from sniproxy.listeners import ListenerError, listener_name, ungated
+
+    log = structlog.get_logger("sniproxy.workers")
+    try:
+        config = load_config(source)
+        running = {listener_name(lst) for lst in sockets.listeners}
+        why = ungated([lst for lst in config.listeners if listener_name(lst) not in running], gated)
+        if why is not None:
+            raise ListenerError(why)
+        added, removed = sockets.update(config.listeners)
+    except (ConfigError, ListenerError) as exc:
+        log.error("reload_failed", error=str(exc), kept="previous listeners")
+        return None
+    if added or removed:
+        log.info("listeners_rebound", added=added, removed=removed)
+    return config
+
+
 def _serve_worker(config: Config, relay: Relay, xdp: XdpGate | None, dns_cache: DnsCache,
-                  sockets: list[socket.socket], index: int, workers: int, channel: int) -> int:
+                  sockets: list[socket.socket], index: int, workers: int, channel: int,
+                  inbox: int) -> int:
     """One worker's life, in the forked child: its own event loop, resolver and connections."""
     import uvloop
 
+    from sniproxy.listeners import WorkerInbox
     from sniproxy.resolver import Resolver
     from sniproxy.server import Server
     from sniproxy.workers import ChannelNotifier
@@ -174,12 +210,26 @@ def _serve_worker(config: Config, relay: Relay, xdp: XdpGate | None, dns_cache: 
     async def main() -> None:
         resolver = Resolver(config.resolver, dns_cache)
         server = Server(config, relay=relay, xdp=xdp, resolver=resolver, notifier=ChannelNotifier(channel),
-                        workers=workers)
+                        workers=workers, listener_source=WorkerInbox(inbox))
         server.adopt(list(sockets))
         await server.serve()
 
     uvloop.run(main())
     return 0
+
+
+def _metrics(config: Config, relay: Relay, xdp: XdpGate | None, dns_cache: DnsCache,
+             workers: int) -> contextlib.AbstractContextManager[object]:
+    """The /metrics endpoint ([metrics] bind) for the block, in this process: the one holding the
+    kernel objects, and the workers' supervisor."""
+    from sniproxy import metrics
+
+    sources = metrics.KernelSources(
+        relay_mode=relay.mode,
+        splice_pin_dir=config.ebpf.pin_dir if relay.mode == "splice" else None,
+        dns_pin_dir=config.ebpf.pin_dir if dns_cache.kind == "kernel" else None,
+        xdp=xdp)
+    return metrics.serving(config.metrics.bind, workers, sources)
 
 
 def _drop_privileges(config: Config, user: Account) -> None:

@@ -1,8 +1,10 @@
 # `[server] workers`: the proxy as N processes forked from a supervisor that did, once, everything
 # needing privileges or a compiler (BPF programs, XDP, pinned maps, listening sockets). The supervisor
 # never accepts: it forwards SIGHUP/SIGTERM, restarts a worker that dies or stalls, and is the one
-# process that speaks to systemd. Invariant: every listening socket stays open in the supervisor, so
-# connections queued on a dead worker's socket wait for its replacement instead of being reset.
+# process that speaks to systemd. On SIGHUP it re-reads the listeners first, binds the new ones and
+# offers each worker its sockets over a unix socket (SCM_RIGHTS) before forwarding the signal.
+# Invariant: every listening socket stays open in the supervisor, so connections queued on a dead
+# worker's socket wait for its replacement instead of being reset.
 from __future__ import annotations
 
 import contextlib
@@ -14,12 +16,14 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
 
+from sniproxy import metrics
 from sniproxy.config import MAX_WORKERS
+from sniproxy.listeners import WorkerSockets, offer
 from sniproxy.systemd import Notifier
 
 log = structlog.get_logger("sniproxy.workers")
@@ -91,6 +95,7 @@ class _Worker:
     index: int
     pid: int = 0
     channel: int = -1  # read end of its pipe
+    inbox: int = -1  # our end of its SOCK_SEQPACKET pair: listening sockets offered on reload
     started: float = 0.0
     last_heard: float = 0.0
     ready: bool = False
@@ -103,19 +108,24 @@ class _Worker:
 
 @dataclass
 class Supervisor:
-    """Forks `count` workers; `serve(index, channel_fd)` runs in each child and returns its exit code.
-    `sockets[index]` are that worker's listening sockets (the others' are closed in the child)."""
+    """Forks `count` workers; `serve(index, channel_fd, inbox_fd)` runs in each child and returns its
+    exit code. `sockets.for_worker(index)` are that worker's listening sockets (the others' are
+    closed in the child); `inbox_fd` receives the sockets of listeners a reload adds."""
 
     count: int
-    sockets: Sequence[Sequence[socket.socket]]
-    serve: Callable[[int, int], int]
+    sockets: WorkerSockets
+    serve: Callable[[int, int, int], int]
     notifier: Notifier = field(default_factory=Notifier.disabled)
     shutdown_grace: float = 30.0
+    # Called on SIGHUP before the workers hear of it: re-read the file and make `sockets` follow its
+    # listeners (and what a replaced worker will serve). Errors are its own to log.
+    reconfigure: Callable[[], None] | None = None
     # Called with a worker's index once it is reaped, before its replacement starts: kernel state
     # the dead process owned (its spliced pairs' map entries) is cleaned up here.
     on_worker_exit: Callable[[int], None] | None = None
 
     def __post_init__(self) -> None:
+        self._generation = 0
         self._workers = [_Worker(i) for i in range(self.count)]
         self._signals: list[int] = []
         self.last_reload_error: str | None = None
@@ -146,6 +156,9 @@ class Supervisor:
                 if worker.channel >= 0:
                     os.close(worker.channel)
                     worker.channel = -1
+                if worker.inbox >= 0:
+                    os.close(worker.inbox)
+                    worker.inbox = -1
             os.close(self._wake_r)
             os.close(self._wake_w)
 
@@ -162,10 +175,14 @@ class Supervisor:
         deadline = time.monotonic() + START_TIMEOUT
         while not all(w.ready for w in self._workers):
             self._poll(min(1.0, max(deadline - time.monotonic(), 0.0)))
-            for sig in self._take_signals():
-                if sig in (signal.SIGTERM, signal.SIGINT):
-                    log.info("stop_requested", phase="starting")
-                    return False
+            taken = self._take_signals()
+            if signal.SIGTERM in taken or signal.SIGINT in taken:
+                log.info("stop_requested", phase="starting")
+                return False
+            if signal.SIGHUP in taken:
+                # Not lost: the file may have changed after the workers read it. Handled once every
+                # worker serves (a SIGHUP before a worker's event loop runs would kill it).
+                self._signals.append(signal.SIGHUP)
             dead = self._reap()
             if dead:
                 log.error("start_failed", error=f"worker {dead[0][0].index} exited while starting "
@@ -207,6 +224,7 @@ class Supervisor:
                 if worker.restart_at is not None and now >= worker.restart_at:
                     worker.restart_at = None
                     worker.restarts += 1
+                    metrics.worker_restarted()
                     self._spawn(worker)
                     log.info("worker_restarted", worker=worker.index, pid=worker.pid, restarts=worker.restarts)
 
@@ -221,6 +239,18 @@ class Supervisor:
         how its reload ended, then READY: a rejected file leaves its previous config running), with
         the first worker's error in STATUS= when any rejected it."""
         self.notifier.reloading()
+        if self.reconfigure is not None:
+            self.reconfigure()
+        # Every worker gets its whole current set, not just what is new: one that refused an earlier
+        # reload still finds what it lacks. Offers are queued before the signal, so a worker reads
+        # them when it reloads.
+        self._generation += 1
+        for worker in self._workers:
+            if worker.pid and worker.inbox >= 0:
+                try:
+                    offer(worker.inbox, self._generation, self.sockets.for_worker(worker.index))
+                except OSError as exc:
+                    log.error("listener_offer_failed", worker=worker.index, error=str(exc))
         for worker in self._workers:
             worker.ready = False
             worker.reload_answer = None
@@ -270,6 +300,11 @@ class Supervisor:
     def _spawn(self, worker: _Worker) -> None:
         if worker.channel >= 0:
             os.close(worker.channel)
+        if worker.inbox >= 0:
+            os.close(worker.inbox)
+            worker.inbox = -1
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        inbox, worker_inbox = ours.detach(), theirs.detach()
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(read_end, False)
         for stream in (sys.stdout, sys.stderr):
@@ -279,8 +314,9 @@ class Supervisor:
             code = 70  # EX_SOFTWARE
             try:
                 os.close(read_end)
+                os.close(inbox)
                 self._become_worker(worker.index)
-                code = self.serve(worker.index, write_end)
+                code = self.serve(worker.index, write_end, worker_inbox)
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) else 1
             except BaseException:
@@ -293,6 +329,8 @@ class Supervisor:
                 # detach the programs every worker shares).
                 os._exit(code)
         os.close(write_end)
+        os.close(worker_inbox)
+        worker.inbox = inbox
         now = time.monotonic()
         worker.pid, worker.channel, worker.started, worker.last_heard, worker.ready = pid, read_end, now, now, False
 
@@ -305,7 +343,9 @@ class Supervisor:
         for worker in self._workers:
             if worker.channel >= 0:
                 os.close(worker.channel)
-        for other, socks in enumerate(self.sockets):
+            if worker.inbox >= 0:
+                os.close(worker.inbox)
+        for other, socks in enumerate(self.sockets.all()):
             if other != index:
                 for sock in socks:
                     sock.close()
@@ -326,6 +366,7 @@ class Supervisor:
             except ChildProcessError:
                 pid, status = worker.pid, 0
             if pid:
+                metrics.process_gone(worker.pid)
                 worker.pid = 0
                 worker.ready = False
                 dead.append((worker, status))
