@@ -414,11 +414,13 @@ async def test_a_copy_mode_proxy_caches_names_in_the_kernel_map(ca, dns, start_p
         await backend.close()
 
 
-# The systemd unit's capabilities, exactly (docs/operations.md): no CAP_SYS_ADMIN.
-UNIT_CAPS = ("bpf", "net_admin", "perfmon", "net_bind_service")
-UNIT_CAP_EFF = (1 << 39) | (1 << 38) | (1 << 12) | (1 << 10)  # 000000c000001400
-AS_THE_UNIT = ["setpriv", "--inh-caps=-all", "--bounding-set=-all," + ",".join(f"+{c}" for c in UNIT_CAPS),
-               "--"]
+# As the systemd unit starts the proxy, exactly (docs/operations.md): the `sniproxy` user with these
+# ambient capabilities and nothing else (no CAP_SYS_ADMIN).
+UNIT_CAPS = ("bpf", "net_admin", "perfmon", "net_bind_service", "dac_override")
+UNIT_CAP_EFF = (1 << 39) | (1 << 38) | (1 << 12) | (1 << 10) | (1 << 1)  # 000000c000001402
+_CAPS = ",".join(f"+{c}" for c in UNIT_CAPS)
+AS_THE_UNIT = ["setpriv", "--reuid=sniproxy", "--regid=sniproxy", "--init-groups", f"--inh-caps=-all,{_CAPS}",
+               f"--ambient-caps={_CAPS}", f"--bounding-set=-all,{_CAPS}", "--"]
 
 
 def effective_caps_under(prefix: list[str]) -> int:
