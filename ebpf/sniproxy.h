@@ -16,7 +16,7 @@
 /* Queue limit used when splice_cfg.queue_limit is 0: bytes put toward one socket and not yet
  * acknowledged by its remote end (the psock queue plus the socket's send queue) above which the
  * verdict stops redirecting and leaves bytes with the source socket. */
-#define SNIPROXY_DEFAULT_QUEUE_LIMIT (40ULL << 20)
+#define SNIPROXY_DEFAULT_QUEUE_LIMIT (24ULL << 20)
 /* splice_slot.release_at value that keeps a direction in userspace until the proxy releases it. */
 #define SNIPROXY_HOLD_ALL 0xffffffffffffffffULL
 

@@ -26,6 +26,10 @@ __attribute__((section("maps/sockhash")))
 struct sock_map_table_t sock_map = { .max_entries = SNIPROXY_MAX_SOCKETS };
 BPF_ANNOTATE_KV_PAIR(sock_map, u64, int);
 
+/* bpf_probe_read_kernel by its helper number: BCC would rewrite the named helper to bpf_probe_read
+ * when it cannot probe the kernel for it (as it cannot without CAP_SYS_ADMIN), which sk_skb may not call. */
+static long (*read_kernel)(void *dst, u32 size, const void *src) = (void *)BPF_FUNC_probe_read_kernel;
+
 BPF_HASH(splice_slots, u64, u32, SNIPROXY_MAX_SOCKETS);
 BPF_F_TABLE("array", u32, struct splice_slot, splice_state, SNIPROXY_MAX_SOCKETS, BPF_F_MMAPABLE);
 BPF_PERCPU_ARRAY(traffic_stats, struct traffic_stats, 1);
@@ -137,7 +141,7 @@ int splice_verdict(struct __sk_buff *skb)
 	}
 	tp = bpf_skc_to_tcp_sock(peer_sk);
 	if (tp)
-		bpf_probe_read_kernel(&acked, sizeof(acked), (char *)tp + SNIPROXY_TCP_BYTES_ACKED_OFF);
+		read_kernel(&acked, sizeof(acked), (char *)tp + SNIPROXY_TCP_BYTES_ACKED_OFF);
 	bpf_sk_release(peer_sk);
 	if ((s64)(slot->toward_base + slot->redir_bytes - acked) > (s64)queue_limit()) {
 		reason = SPLICE_HOLD_QUEUE;

@@ -138,7 +138,8 @@ def _run_workers(config: Config, workers: int) -> int:
                                              sockets[index], index, workers, channel)
 
                     return Supervisor(workers, sockets, serve, Notifier.from_environ(),
-                                      config.limits.shutdown_grace).run()
+                                      config.limits.shutdown_grace,
+                                      on_worker_exit=lambda index: relay.forget_worker(index, workers)).run()
                 finally:
                     for socks in sockets:
                         for sock in socks:

@@ -160,6 +160,13 @@ class SpliceTable:
             maps.delete(self._fds["splice_slots"], ct.c_uint64(cookie))
         return len(stale)
 
+    def slot_of(self, cookie: int) -> maps.SpliceSlot | None:
+        """The slot of a spliced socket, by cookie (one map lookup: for inspection, not hot paths)."""
+        index = ct.c_uint32()
+        if not maps.lookup(self._fds["splice_slots"], ct.c_uint64(cookie), index):
+            return None
+        return self.slot(index.value)
+
     def read_events(self) -> list[maps.SpliceEvent]:
         """Hold notifications written by the verdict since the last call."""
         return self._read_events()

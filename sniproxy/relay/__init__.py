@@ -42,6 +42,17 @@ class Relay:
         if self.table is not None:
             self.table.use_worker(index, workers)  # type: ignore[attr-defined]
 
+    def forget_worker(self, index: int, workers: int) -> None:
+        """In the supervisor, after worker `index` died: drop its pairs' map entries (the kernel
+        closed its sockets, which took them out of sock_map), and say how many."""
+        if self.table is not None:
+            count = self.table.forget_worker(index, workers)  # type: ignore[attr-defined]
+            if count:
+                import structlog
+
+                structlog.get_logger("sniproxy.relay").warning("worker_pairs_forgotten", worker=index,
+                                                               entries=count)
+
     async def relay(self, client: socket.socket, backend: socket.socket, first: bytes,
                     idle_timeout: float) -> RelayResult:
         loop = asyncio.get_running_loop()
