@@ -138,6 +138,9 @@ class LimitsConfig:
     max_connections_per_ip: int = 0  # 0: no per-address limit
     max_client_hello_size: int = 16384
     shutdown_grace: float = 30.0
+    # protocol = "http" listeners: the request head (request line and headers) instead of the hello
+    http_head_timeout: float = 5.0
+    max_http_head_size: int = 16384
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,9 @@ class ServerConfig:
     # Processes serving the listeners (SO_REUSEPORT, one listening socket each): an int, or "auto"
     # for one per CPU this process may run on. 1 runs everything in one process, no fork.
     workers: int | str = 1
+    # Every process of the proxy runs as this user once listeners are bound and BPF objects loaded
+    # (when started as root); "root" keeps uid 0 (with no capabilities either way).
+    user: str = "sniproxy"
 
 
 @dataclass(frozen=True)
@@ -181,6 +187,11 @@ class XdpConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    bind: Address | None = None  # where /metrics is served; None: no endpoint, no metrics kept
+
+
+@dataclass(frozen=True)
 class Config:
     listeners: tuple[ListenerConfig, ...]
     tables: Mapping[str, TableConfig]  # read-only (MappingProxyType), in file order
@@ -191,15 +202,18 @@ class Config:
     backends: BackendsConfig = field(default_factory=BackendsConfig)
     ebpf: EbpfConfig = field(default_factory=EbpfConfig)
     xdp: XdpConfig = field(default_factory=XdpConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: str = "<string>"
 
 
-PROTOCOLS = ("tls",)
+PROTOCOLS = ("tls", "http")
 RESOLVER_MODES = ("ipv4_first", "ipv6_first", "ipv4_only", "ipv6_only")
 LOG_FORMATS = ("json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MIN_CLIENT_HELLO_SIZE = 512
 MAX_CLIENT_HELLO_SIZE = 1 << 24  # a handshake message length is 24 bits
+MIN_HTTP_HEAD_SIZE = 512
+MAX_HTTP_HEAD_SIZE = 1 << 20  # nginx's large_client_header_buffers tops out far below this
 
 # --------------------------------------------------------------------------------------------------
 # Hostnames and addresses
@@ -557,7 +571,7 @@ def _address(value: object, key_path: str, *, default_port: int | None = None) -
         raise ConfigError(key_path, str(e)) from None
 
 
-_TOP_KEYS = ("listener", "table", "resolver", "limits", "log", "server", "backends", "ebpf", "xdp")
+_TOP_KEYS = ("listener", "table", "resolver", "limits", "log", "server", "backends", "ebpf", "xdp", "metrics")
 _LISTENER_KEYS = ("bind", "protocol", "table", "accept_proxy_protocol", "trusted")
 _TABLE_KEYS = ("routes", "fallback", "allow_private_backends")
 _ROUTE_KEYS = ("match", "backend", "alpn", "proxy_protocol")
@@ -570,14 +584,16 @@ _RESOLVER_KEYS = (
 )  # fmt: skip
 _LIMITS_KEYS = (
     "client_hello_timeout", "connect_timeout", "idle_timeout", "max_connections",
-    "max_connections_per_ip", "max_client_hello_size", "shutdown_grace",
+    "max_connections_per_ip", "max_client_hello_size", "shutdown_grace", "http_head_timeout",
+    "max_http_head_size",
 )  # fmt: skip
 _LOG_KEYS = ("format", "level", "access_log")
-_SERVER_KEYS = ("workers",)
+_SERVER_KEYS = ("workers", "user")
 # One splice_events ring per worker in ebpf/splice.c (SNIPROXY_MAX_WORKERS): kept in step by a test.
 MAX_WORKERS = 16
 _EBPF_KEYS = ("splice", "pin_dir", "splice_after")
 _XDP_KEYS = ("enabled", "interfaces", "mode", "allow")
+_METRICS_KEYS = ("bind",)
 XDP_MODES = ("auto", "native", "generic")
 XDP_MAX_ALLOW = 16384  # ebpf/xdp_filter.h XDP_MAX_ALLOW
 _IFNAME_RE = re.compile(r"[^\s/:]{1,15}", re.ASCII)  # Linux IFNAMSIZ - 1, no '/', ':' or spaces
@@ -809,6 +825,10 @@ def _limits(data: object) -> LimitsConfig:
             "max_client_hello_size", 16384, MIN_CLIENT_HELLO_SIZE, MAX_CLIENT_HELLO_SIZE
         ),
         shutdown_grace=s.number("shutdown_grace", 30.0, positive=False),
+        http_head_timeout=s.number("http_head_timeout", 5.0, positive=True),
+        max_http_head_size=s.integer(
+            "max_http_head_size", 16384, MIN_HTTP_HEAD_SIZE, MAX_HTTP_HEAD_SIZE
+        ),
     )
 
 
@@ -825,12 +845,16 @@ def _log(data: object) -> LogConfig:
 def _server(data: object) -> ServerConfig:
     s = _Section(data, "server")
     s.check_keys(_SERVER_KEYS)
+    user = s.string("user", "sniproxy")
+    # A name for getpwnam(): whether it exists is checked where the proxy runs (`sniproxy run`).
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}", user):
+        raise ConfigError("server.user", f"expected a user name, got {user!r}")
     workers = s.get("workers", 1)
     if workers == "auto":
-        return ServerConfig(workers="auto")
+        return ServerConfig(workers="auto", user=user)
     if isinstance(workers, str):
         raise ConfigError("server.workers", f'expected an integer or "auto", got {workers!r}')
-    return ServerConfig(workers=s.integer("workers", 1, minimum=1, maximum=MAX_WORKERS))
+    return ServerConfig(workers=s.integer("workers", 1, minimum=1, maximum=MAX_WORKERS), user=user)
 
 
 def _backends_section(data: object) -> BackendsConfig:
@@ -896,6 +920,19 @@ def _xdp(data: object) -> XdpConfig:
                      mode=s.string("mode", "auto", choices=XDP_MODES), allow=tuple(allow))
 
 
+def _metrics(data: object, binds: Mapping[Address, int]) -> MetricsConfig:
+    s = _Section(data, "metrics")
+    s.check_keys(_METRICS_KEYS)
+    if "bind" not in s.data:
+        return MetricsConfig()
+    bind = _address(s.string("bind"), "metrics.bind")
+    if _ip_literal(bind.host) is None:
+        raise ConfigError("metrics.bind", f"must be an IP address, got host {bind.host!r}")
+    if bind in binds:
+        raise ConfigError("metrics.bind", f"{bind} is already bound by listener[{binds[bind]}]")
+    return MetricsConfig(bind=bind)
+
+
 def _build(doc: dict[str, Any], source: str) -> Config:
     top = _Section(doc, "")
     top.check_keys(_TOP_KEYS)
@@ -932,6 +969,7 @@ def _build(doc: dict[str, Any], source: str) -> Config:
         backends=_backends_section(top.get("backends", {})),
         ebpf=_ebpf(top.get("ebpf", {})),
         xdp=_xdp(top.get("xdp", {})),
+        metrics=_metrics(top.get("metrics", {}), binds),
         source=source,
     )
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import structlog
 
-from sniproxy import proxy_protocol, tls
+from sniproxy import http_head, metrics, proxy_protocol, tls
 from sniproxy.balancer import Balancer
 from sniproxy.config import BackendAddress, LimitsConfig, UnixAddress
 from sniproxy.relay import Outcome, Relay, RelayResult
@@ -33,12 +33,27 @@ log = structlog.get_logger("sniproxy.balancer")
 UNIX_COPY_REASON = "unix-socket backend: the kernel splice relays TCP sockets only"
 _UNIX_COPY = Relay()
 
+# The access event's level by outcome (it becomes the journal priority, docs/operations.md): error when
+# the proxy could not serve a client it should have (what `journalctl -p err` must show), warning when
+# a policy turned it away or the backend cut it; the rest (normal ends, client-side faults) info.
+_ERROR_OUTCOMES = frozenset({"connect_failed", "resolve_failed", "internal_error"})
+_WARNING_OUTCOMES = frozenset({"backend_refused", "backend_reset", "over_limit", "over_limit_per_ip",
+                               "proxy_protocol_untrusted"})
+
+
+def access_level(outcome: str) -> str:
+    return "error" if outcome in _ERROR_OUTCOMES else "warning" if outcome in _WARNING_OUTCOMES else "info"
+
 _RECV_SIZE = 65536
+# After an HTTP error answer: how long and how much of the client's remaining request to read and drop.
+_LINGER_SECONDS = 2.0
+_LINGER_BYTES = 1 << 20
 
 
 class State(str, enum.Enum):
     ACCEPTED = "accepted"
     READING_HELLO = "reading_hello"
+    READING_HEAD = "reading_head"  # protocol = "http": the request line and headers
     ROUTING = "routing"
     RESOLVING = "resolving"
     CONNECTING = "connecting"
@@ -55,6 +70,7 @@ class Policy:
     access_log: bool = True
     # Set when the listener expects a PROXY header: the networks allowed to send one.
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None = None
+    protocol: str = "tls"  # the listener's: "tls" routes on the SNI, "http" on the Host header
 
 
 class _Rejected(Exception):
@@ -122,9 +138,11 @@ class Connection:
         self.balancer = balancer  # the choice among a route's backends (None: config order)
         # Passed in by the server: on Python 3.11 every get_running_loop() is a getpid() system call.
         self.loop = loop
-        self.state = State.ACCEPTED
         self.started = time.monotonic()
+        self.entered: dict[str, float] = {}  # State value -> when it began (for the phase metrics)
+        self.state = State.ACCEPTED
         self.hello: tls.ClientHello | None = None
+        self.head: http_head.RequestHead | None = None
         self.route: Route | None = None
         self.backend_address: Any = None  # (ip, port) of the connected backend, or "unix:/path"
         self.backend_host: str | None = None  # the host (name or IP) of the backend it served from
@@ -135,6 +153,15 @@ class Connection:
         self.proxy_destination: Any = None
         self.buffered = bytearray()
 
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @state.setter
+    def state(self, state: State) -> None:
+        self._state = state
+        self.entered[state.value] = time.monotonic()
+
     async def handle(self) -> None:
         outcome = "error"
         reason: str | None = None
@@ -142,13 +169,21 @@ class Connection:
         backend: socket.socket | None = None
         if self.loop is None:
             self.loop = asyncio.get_running_loop()
+        metrics.connection_opened(self.listener)
         try:
-            self.hello = await self._read_hello()
-            self.state = State.ROUTING
-            self.route = self.policy.table.route(self.hello.sni, self.hello.alpn)
-            if self.route is None:
-                await self._send_alert(tls.AlertDescription.UNRECOGNIZED_NAME)
-                raise _Rejected("no_route", f"no route for sni {self.hello.sni!r}")
+            if self.policy.protocol == "http":
+                self.head = await self._read_head()
+                self.state = State.ROUTING
+                self.route = self.policy.table.route(self.head.host)
+                if self.route is None:
+                    await self._refuse_http_request()
+            else:
+                self.hello = await self._read_hello()
+                self.state = State.ROUTING
+                self.route = self.policy.table.route(self.hello.sni, self.hello.alpn)
+                if self.route is None:
+                    await self._send_alert(tls.AlertDescription.UNRECOGNIZED_NAME)
+                    raise _Rejected("no_route", f"no route for sni {self.hello.sni!r}")
             backend = await self._open_backend()
             self.state = State.RELAYING
             first = bytes(self.buffered)
@@ -179,6 +214,7 @@ class Connection:
                 self.balancer.released(self._balanced)
             self._log(outcome, reason, result)
             self.state = State.CLOSED
+            metrics.connection_closed(self, outcome, result, self.entered["closed"])
 
     async def _read_hello(self) -> tls.ClientHello:
         self.state = State.READING_HELLO
@@ -218,6 +254,82 @@ class Connection:
             raise _Rejected("bad_client_hello", str(exc)) from None
         except ConnectionError as exc:
             raise _Rejected("client_reset", f"client reset before a complete ClientHello: {exc}") from None
+
+    async def _read_head(self) -> http_head.RequestHead:
+        """_read_hello's twin for plain HTTP: every byte read is kept for the backend, and bad input
+        is answered in HTTP (400, or 408 at the deadline) instead of a silent close."""
+        self.state = State.READING_HEAD
+        loop = self.loop
+        assert loop is not None and self.client is not None
+        client = self.client
+        limits = self.policy.limits
+        reader = http_head.RequestHeadReader(max_size=limits.max_http_head_size)
+        header_reader = self._proxy_header_reader()
+        deadline = loop.time() + limits.http_head_timeout
+        try:
+            while True:
+                try:
+                    data = client.recv(_RECV_SIZE)
+                except (BlockingIOError, InterruptedError):
+                    await _ready(loop, client.fileno(), False, deadline)
+                    continue
+                if not data:
+                    raise _Rejected("client_closed", "client closed before a complete request head")
+                if header_reader is not None:
+                    data = self._feed_proxy_header(header_reader, data)
+                    if data is None:
+                        continue
+                    header_reader = None
+                self.buffered += data
+                result = reader.feed(data)
+                if isinstance(result, http_head.RequestHead):
+                    return result
+        except TimeoutError:
+            await self._send_http_error(408, "no complete request head before the deadline")
+            raise _Rejected("head_timeout", "no complete request head before the deadline") from None
+        except http_head.RequestHeadError as exc:
+            await self._send_http_error(exc.status, f"bad request: {exc}")
+            raise _Rejected("bad_request", str(exc)) from None
+        except ConnectionError as exc:
+            raise _Rejected("client_reset", f"client reset before a complete request head: {exc}") from None
+
+    async def _refuse_http_request(self) -> None:
+        assert self.head is not None
+        if self.head.host is None:
+            await self._send_http_error(400, "bad request: no Host name to route on")
+            raise _Rejected("no_host", "request names no host, and the table has no fallback")
+        await self._send_http_error(503, f"no route for host {self.head.host}")
+        raise _Rejected("no_route", f"no route for host {self.head.host!r}")
+
+    async def _send_http_error(self, status: int, message: str) -> None:
+        """Answer, then close gracefully: stop sending, and read (and drop) what the client still
+        sends for a moment, or closing with unread bytes would reset the connection and the client
+        could lose the answer before reading it."""
+        client = self.client
+        if client is None or self.loop is None:
+            return
+        try:
+            # A few hundred bytes: they fit in the empty send buffer of a fresh connection.
+            client.send(http_head.error_response(status, message))
+            client.shutdown(socket.SHUT_WR)
+        except OSError:
+            return
+        deadline = self.loop.time() + _LINGER_SECONDS
+        drained = 0
+        while drained < _LINGER_BYTES:
+            try:
+                data = client.recv(_RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                try:
+                    await _ready(self.loop, client.fileno(), False, deadline)
+                except TimeoutError:
+                    return
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            drained += len(data)
 
     def _proxy_header_reader(self) -> proxy_protocol.ProxyHeaderReader | None:
         trusted = self.policy.trusted_proxies
@@ -389,7 +501,9 @@ class Connection:
         event: dict[str, Any] = {
             "client": peer_text(self.client_address),
             "listener": self.listener,
-            "sni": hello.sni if hello else None,
+            "protocol": self.policy.protocol,
+            # The name routed on: the TLS SNI, or on an http listener the Host (or target authority).
+            "sni": hello.sni if hello else (self.head.host if self.head else None),
             "alpn": list(hello.alpn) if hello else [],
             "route": self.route.rule if self.route else None,
             "backend_host": self.backend_host,
@@ -412,4 +526,4 @@ class Connection:
             event["splice_fallback"] = result.fallback_reason
         if result and result.kernel_bytes:
             event["kernel_bytes"] = result.kernel_bytes
-        access_log.info("access", **event)
+        getattr(access_log, access_level(outcome))("access", **event)
