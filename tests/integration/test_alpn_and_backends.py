@@ -245,3 +245,35 @@ async def test_reload_turns_health_checks_on_and_keeps_serving(backend_pair, sta
     assert await who_many(port, ca, 3) == ["backend=b alpn=None"] * 3
     events = await proxy.access(count=5)
     assert not any(e.get("backend_failed") for e in events[2:]), events
+
+
+async def test_http_listener_skips_alpn_routes_and_uses_backend_lists(start_proxy, alpn_backends):
+    """Port 80 and 443 sharing one table: a plain HTTP request has no ALPN, so it never takes the
+    acme-tls/1 route; the route after it lists two HTTP backends, which share its requests."""
+    from tests.support.http_backend import HttpBackend
+
+    acme, _web = alpn_backends
+    a, b = HttpBackend("a"), HttpBackend("b")
+    try:
+        port = free_port()
+        proxy = start_proxy(
+            configs.listener(f"127.0.0.1:{port}", protocol="http")
+            + "[table.default]\nroutes = [\n"
+            f'  {{ match = "{NAME}", alpn = "acme-tls/1", backend = "127.0.0.1:{acme.port}" }},\n'
+            f'  {{ match = "{NAME}", backend = ["127.0.0.1:{a.port}", "127.0.0.1:{b.port}"] }},\n'
+            "]\n\n"
+            + configs.common())
+        bodies = []
+        for _ in range(4):
+            code, out, err = await run("curl", "-sS", "--max-time", "10", "-H", f"Host: {NAME}",
+                                       f"http://127.0.0.1:{port}/p")
+            assert code == 0, err
+            bodies.append(out.split()[0])
+        assert Counter(bodies) == {"backend=a": 2, "backend=b": 2}
+        events = await proxy.access(count=4)
+        assert {e["route"] for e in events} == {NAME}
+        assert Counter(e["backend"] for e in events) == {f"127.0.0.1:{a.port}": 2, f"127.0.0.1:{b.port}": 2}
+        assert acme.connections == 0
+    finally:
+        a.close()
+        b.close()
