@@ -173,10 +173,12 @@ def _run_workers(config: Config, workers: int, user: Account) -> int:
                                              [sock for _, sock in sockets.for_worker(index)], index,
                                              workers, channel, inbox)
 
-                    def reconfigure() -> None:
+                    def reconfigure() -> str | None:
                         new = _supervisor_reload(config.source, sockets, gated)
-                        if new is not None:
-                            current[0] = new
+                        if isinstance(new, str):
+                            return new
+                        current[0] = new
+                        return None
 
                     phase = "serve"
                     code = Supervisor(workers, sockets, serve, Notifier.from_environ(),
@@ -192,9 +194,9 @@ def _run_workers(config: Config, workers: int, user: Account) -> int:
 
 
 def _supervisor_reload(source: str, sockets: WorkerSockets,
-                       gated: frozenset[int] | None) -> Config | None:
+                       gated: frozenset[int] | None) -> Config | str:
     """The supervisor's part of SIGHUP: bind the new file's new listeners for every worker and close
-    the removed ones' sockets. The new Config, or None (logged) when the file or a bind failed: the
+    the removed ones' sockets. The new Config, or why not (logged) when the file or a bind failed: the
     workers then refuse their reload too, for want of the sockets."""
     from sniproxy.listeners import ListenerError, listener_name, ungated
 
@@ -208,7 +210,7 @@ def _supervisor_reload(source: str, sockets: WorkerSockets,
         added, removed = sockets.update(config.listeners)
     except (ConfigError, ListenerError) as exc:
         log.error("reload_failed", error=str(exc), kept="previous listeners")
-        return None
+        return str(exc)
     if added or removed:
         log.info("listeners_rebound", added=added, removed=removed)
     return config

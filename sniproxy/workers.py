@@ -119,7 +119,7 @@ class Supervisor:
     shutdown_grace: float = 30.0
     # Called on SIGHUP before the workers hear of it: re-read the file and make `sockets` follow its
     # listeners (and what a replaced worker will serve). Errors are its own to log.
-    reconfigure: Callable[[], None] | None = None
+    reconfigure: Callable[[], str | None] | None = None
     # Called with a worker's index once it is reaped, before its replacement starts: kernel state
     # the dead process owned (its spliced pairs' map entries) is cleaned up here.
     on_worker_exit: Callable[[int], None] | None = None
@@ -239,8 +239,9 @@ class Supervisor:
         how its reload ended, then READY: a rejected file leaves its previous config running), with
         the first worker's error in STATUS= when any rejected it."""
         self.notifier.reloading()
-        if self.reconfigure is not None:
-            self.reconfigure()
+        # The supervisor's own reason (a listener it could not bind) says more than the workers' "no
+        # socket offered" that follows from it: STATUS= shows it first.
+        own_error = self.reconfigure() if self.reconfigure is not None else None
         # Every worker gets its whole current set, not just what is new: one that refused an earlier
         # reload still finds what it lacks. Offers are queued before the signal, so a worker reads
         # them when it reloads.
@@ -264,8 +265,8 @@ class Supervisor:
                    else "no answer within 10 s" if w.pid else "exited while reloading")
                   for w in self._workers if w.reload_answer != ""]
         if failed:
-            self.last_reload_error = failed[0][1]
-            log.error("workers_reload_failed", workers=[i for i, _ in failed], error=failed[0][1],
+            self.last_reload_error = own_error or failed[0][1]
+            log.error("workers_reload_failed", workers=[i for i, _ in failed], error=self.last_reload_error,
                       kept="previous configuration")
         else:
             self.last_reload_error = None

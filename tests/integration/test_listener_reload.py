@@ -131,6 +131,9 @@ async def test_a_listener_that_cannot_be_bound_keeps_the_previous_config(backend
         assert sorted(e.get("worker") for e in failed if e is not binder) == \
             ([] if workers == 1 else [0, 1])
         assert all("the supervisor offered no socket" in e["error"] for e in failed if e is not binder)
+        if workers == 2:  # the supervisor's summary (and STATUS=) names the cause, not its symptom
+            (summary,) = [e for e in proxy.events() if e.get("event") == "workers_reload_failed"]
+            assert summary["error"] == binder["error"]
         # All or nothing: the listener that could be bound was not left open either.
         assert refused(later)
         assert not [e for e in proxy.events() if e.get("event") in ("listener_added", "reloaded")]
