@@ -43,7 +43,8 @@ fuzz: setup
 	$(PY) fuzz/fuzz_client_hello.py -max_total_time=$(FUZZ_SECONDS) -timeout=5 -artifact_prefix=.fuzz/ .fuzz/corpus
 
 # As root: a venv in /opt/sniproxy, /etc/sniproxy/config.toml (never overwritten), the systemd unit.
-# PREFIX=, CONFDIR=, UNITDIR= relocate them (docs/operations.md).
+# PREFIX=, CONFDIR=, UNITDIR= relocate them; UNIT_NAME= names the unit (default sniproxy; needed
+# beside Debian's C sniproxy package, which owns that name: see docs/operations.md).
 install: setup
 	bash scripts/install.sh
 

@@ -85,6 +85,34 @@ check_no_peer_listening() {
   exit 1
 }
 
+# The proxy's processes run as this user once set up ([server] user, docs/operations.md): a system
+# user and group, no home, no login shell. Same in scripts/install.sh.
+ensure_system_user() {
+  getent passwd sniproxy >/dev/null && return 0
+  [ "$(id -u)" = 0 ] || { log "no 'sniproxy' user; run this as root once to create it"; return 0; }
+  adduser --system --group --no-create-home --home /nonexistent --shell /usr/sbin/nologin \
+    --quiet sniproxy
+  log "created system user sniproxy"
+}
+
+# tests/integration/test_systemd_nspawn.py installs Debian's C sniproxy inside a container (never on
+# this machine) to check that `make install` does not clash with it: its .deb and the libraries it
+# needs, downloaded once (not installed) into .cache/.
+debian_sniproxy_debs=(sniproxy libev4 libudns0 libpcre3 lsb-base)
+fetch_test_debs() {
+  local dir="$top/.cache/debian-sniproxy" p missing=()
+  for p in "${debian_sniproxy_debs[@]}"; do
+    compgen -G "$dir/${p}_*.deb" >/dev/null || missing+=("$p")
+  done
+  [ ${#missing[@]} = 0 ] && return 0
+  [ "$(id -u)" = 0 ] || { log "cannot download test packages without root"; return 0; }
+  mkdir -p "$dir"
+  log "downloading (not installing) for the tests: ${missing[*]}"
+  (cd "$dir" && { apt-get download -q -o APT::Sandbox::User=root "${missing[@]}" >/dev/null 2>&1 \
+     || { apt-get update -q >/dev/null && apt-get download -q -o APT::Sandbox::User=root "${missing[@]}" >/dev/null; }; }) \
+    || { log "downloading ${missing[*]} failed"; exit 1; }
+}
+
 # BCC compiles against /lib/modules/$(uname -r)/{build,source}. No Debian package matches this VM's
 # kernel, so point them at the newest Debian headers; that is enough for networking programs.
 link_kernel_headers() {
@@ -137,6 +165,8 @@ docs_venv() {
 install_packages
 disable_packaged_prometheus
 link_kernel_headers
+ensure_system_user
+fetch_test_debs
 make_venv
 if [ "$docs" = 1 ]; then
   docs_venv

@@ -334,7 +334,7 @@ class _ScrapeCollector:
         events.add_metric(["lost"], t["events_lost"])
         yield events
         yield GaugeMetricFamily("sniproxy_kernel_pairs", "Connections handed off to the kernel and "
-                                "still tracked there (conn_stats pairs).", value=k["pairs"])
+                                "still tracked there (splice_slots pairs).", value=k["pairs"])
         yield GaugeMetricFamily("sniproxy_kernel_sockets", "Sockets in sock_map now.",
                                 value=k["sockets"])
 

@@ -1,6 +1,6 @@
 # `sniproxy stats`: what the kernel counted, read from the maps a splice-mode proxy pinned under
-# pin_dir (the proxy itself is never contacted): totals from traffic_stats, the top connections by bytes
-# from conn_stats, named by their sockets' addresses (sock_diag). Invariant: read-only; no map is written.
+# pin_dir (the proxy itself is never contacted): totals from traffic_stats, the top handed-off
+# connections by bytes from splice_slots/splice_state, named by their sockets' addresses (sock_diag). Invariant: read-only; no map is written.
 from __future__ import annotations
 
 import ctypes as ct
@@ -102,15 +102,19 @@ def collect(pin_dir: str, top: int = 10) -> dict[str, Any]:
     try:
         traffic_fd = _open(pin_dir, "traffic_stats", ct.sizeof(maps.TrafficStats))
         fds.append(traffic_fd)
-        conn_fd = _open(pin_dir, "conn_stats", ct.sizeof(maps.ConnStats))
-        fds.append(conn_fd)
+        slots_fd = _open(pin_dir, "splice_slots", ct.sizeof(ct.c_uint32))
+        fds.append(slots_fd)
+        state_fd = _open(pin_dir, "splice_state", ct.sizeof(maps.SpliceSlot))
+        fds.append(state_fd)
         sock_fd = _open(pin_dir, "sock_map", None)  # only its keys are counted
         fds.append(sock_fd)
         traffic = maps.read_traffic(traffic_fd)
-        per_socket: dict[int, maps.ConnStats] = {}
-        for cookie in maps.keys_u64(conn_fd):
-            value = maps.ConnStats()
-            if maps.lookup(conn_fd, ct.c_uint64(cookie), value):  # else: removed while we read
+        per_socket: dict[int, maps.SpliceSlot] = {}
+        index = ct.c_uint32()
+        for cookie in maps.keys_u64(slots_fd):
+            value = maps.SpliceSlot()
+            # else: removed while we read
+            if maps.lookup(slots_fd, ct.c_uint64(cookie), index) and maps.lookup(state_fd, index, value):
                 per_socket[cookie] = value
         spliced_sockets = len(maps.keys_u64(sock_fd))
     except OSError as exc:
@@ -139,7 +143,7 @@ def collect(pin_dir: str, top: int = 10) -> dict[str, Any]:
             if local is not None and listening:
                 role = "client" if _is_accepted(local, listening) else "backend"
             fields = s.as_dict()
-            for internal in ("peer", "start_ns", "last_ns"):
+            for internal in ("cookie", "peer", "start_ns", "last_ns", "release_at", "toward_base", "worker"):
                 del fields[internal]
             sides.append({"role": role, "cookie": c, "local": local, "remote": remote, **fields})
         sides.sort(key=lambda side: side["role"] != "client")
@@ -168,75 +172,22 @@ def collect(pin_dir: str, top: int = 10) -> dict[str, Any]:
 
 def kernel_counters(pin_dir: str) -> dict[str, Any]:
     """The cheap part of collect(), for a metrics scrape: traffic_stats totals, the sockets in
-    sock_map, and the pairs conn_stats tracks. No sock_diag dump, nothing per connection kept."""
+    sock_map, and the handed-off pairs splice_slots tracks (two entries each). No sock_diag dump,
+    nothing per connection kept."""
     fds: list[int] = []
     try:
         traffic_fd = _open(pin_dir, "traffic_stats", ct.sizeof(maps.TrafficStats))
         fds.append(traffic_fd)
-        conn_fd = _open(pin_dir, "conn_stats", ct.sizeof(maps.ConnStats))
-        fds.append(conn_fd)
+        slots_fd = _open(pin_dir, "splice_slots", ct.sizeof(ct.c_uint32))
+        fds.append(slots_fd)
         sock_fd = _open(pin_dir, "sock_map", None)
         fds.append(sock_fd)
         traffic = maps.read_traffic(traffic_fd).as_dict()
-        peers: dict[int, int] = {}
-        for cookie in maps.keys_u64(conn_fd):
-            value = maps.ConnStats()
-            if maps.lookup(conn_fd, ct.c_uint64(cookie), value):  # else: removed while we read
-                peers[cookie] = value.peer
+        tracked = len(maps.keys_u64(slots_fd))
         sockets = len(maps.keys_u64(sock_fd))
     except OSError as exc:
         raise StatsError(f"reading the maps under {pin_dir} failed: {exc}") from None
     finally:
         for fd in fds:
             os.close(fd)
-    # A pair is two entries naming each other; a side whose peer is gone still counts as one.
-    pairs = sum(1 for cookie, peer in peers.items() if peer not in peers or cookie < peer)
-    return {"traffic": traffic, "sockets": sockets, "pairs": pairs}
-
-
-def _size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError(n)
-
-
-def render(report: dict[str, Any]) -> list[str]:
-    t = report["totals"]
-    lines = [
-        f"pin_dir {report['pin_dir']}",
-        f"spliced bytes   {t['bytes']} ({_size(t['bytes'])}): redirected by the kernel {t['redir_bytes']}, "
-        f"left to the proxy {t['pass_bytes']} (held back {t['held_bytes']})",
-        f"packets         redirected {t['redir_pkts']}, passed {t['pass_pkts']}, redirect failures "
-        f"{t['redir_fail']}, no peer {t['no_peer_pkts']}, fin {t['fin_pkts']}",
-        f"open            {report['connections_total']} connection(s), {report['spliced_sockets']} "
-        f"socket(s) in sock_map",
-    ]
-    if report["connections"]:
-        lines.append("")
-        lines.append(f"{'BYTES':>10} {'UP':>10} {'DOWN':>10} {'AGE':>8} {'IDLE':>8}  CLIENT -> BACKEND")
-        for conn in report["connections"]:
-            ends = " -> ".join(side["remote"] or f"cookie {side['cookie']}" for side in conn["sides"])
-            lines.append(f"{_size(conn['bytes']):>10} {_size(conn['bytes_up']):>10} "
-                         f"{_size(conn['bytes_down']):>10} {conn['age_seconds']:>7.1f}s "
-                         f"{conn['idle_seconds']:>7.1f}s  {ends}")
-    return lines
-
-
-def run(pin_dir: str, top: int, as_json: bool, out: TextIO = sys.stdout) -> int:
-    """The `stats` command: 0 on success, 1 (with the reason on stderr) when the maps cannot be read."""
-    try:
-        report = collect(pin_dir, top)
-    except (StatsError, KernelError) as exc:
-        print(f"sniproxy: {exc}", file=sys.stderr)
-        return 1
-    if as_json:
-        json.dump(report, out, indent=2)
-        out.write("\n")
-    else:
-        out.write("\n".join(render(report)) + "\n")
-    return 0
+    return {"traffic": traffic, "sockets": sockets, "pairs": (tracked + 1) // 2}
