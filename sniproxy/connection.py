@@ -143,8 +143,11 @@ class Connection:
         # Passed in by the server: on Python 3.11 every get_running_loop() is a getpid() system call.
         self.loop = loop
         self.started = time.monotonic()
-        self.entered: dict[str, float] = {}  # State value -> when it began (for the phase metrics)
-        self.state = State.ACCEPTED
+        # For the phase metrics, by State value: when it was last entered, and how long it was held
+        # the last time it was left (a route with several backends may resolve and connect again).
+        self.entered: dict[str, float] = {State.ACCEPTED.value: self.started}
+        self.held: dict[str, float] = {}
+        self._state = State.ACCEPTED
         self.hello: tls.ClientHello | None = None
         self.head: http_head.RequestHead | None = None
         self.route: Route | None = None
@@ -167,8 +170,11 @@ class Connection:
 
     @state.setter
     def state(self, state: State) -> None:
+        now = time.monotonic()
+        left = self._state.value
+        self.held[left] = now - self.entered[left]
         self._state = state
-        self.entered[state.value] = time.monotonic()
+        self.entered[state.value] = now
 
     async def handle(self) -> None:
         outcome = "error"

@@ -79,12 +79,14 @@ class _Metrics:
             "sniproxy_connections_active", "Client connections open now (accepted, not yet closed).",
             ["listener"], registry=registry, multiprocess_mode="livesum")
         self.relayed = Counter(
-            "sniproxy_relayed_connections", "Connections that reached the relay, by relay mode "
-            '(mode="kernel": pairs handed off to the kernel splice).', ["mode"], registry=registry)
+            "sniproxy_relayed_connections", "Connections that reached the relay, by how they ended "
+            '(mode="kernel": handed off to the kernel splice at some point; "copy": copied '
+            "throughout).", ["mode"], registry=registry)
         self.bytes = Counter(
             "sniproxy_relay_bytes", "Bytes relayed, by direction (up: client to backend, the "
-            "ClientHello included; down: backend to client) and relay mode, counted when the "
-            "connection ends.", ["direction", "mode"], registry=registry)
+            "ClientHello included; down: backend to client) and by the path that moved them (kernel: "
+            "redirected by the splice verdict; copy: by the proxy), counted when the connection "
+            "ends.", ["direction", "mode"], registry=registry)
         self.phase = Histogram(
             "sniproxy_connection_phase_seconds", "Time spent in each phase before relaying, for "
             "connections that completed it: reading the ClientHello (from accept), resolving the "
@@ -185,32 +187,36 @@ def connection_opened(listener: str) -> None:
 
 def connection_closed(conn: Connection, outcome: str, result: RelayResult | None, now: float) -> None:
     """Once per connection that connection_opened() counted, where its access-log event is made.
-    `conn.entered` holds when each State began (monotonic seconds)."""
+    `conn.entered`/`conn.held`: when each State was last entered, and how long it was last held."""
     m = _metrics
     if m is None:
         return
     m.active_by[conn.listener].dec()
     m.connections_by[(conn.listener, outcome)].inc()
     m.duration.observe(now - conn.started)
-    entered = conn.entered
-    # hello: accept -> routing; resolve: resolving -> connecting; connect: connecting -> relaying.
+    entered, held = conn.entered, conn.held
+    # hello: accept -> a complete ClientHello (or HTTP head); resolve: the last lookup that led to a
+    # connect (none for a unix-socket backend); connect: the connect to the backend that served.
     routing = entered.get("routing")
     if routing is not None:
         m.phase_by["hello"].observe(routing - conn.started)
-        connecting = entered.get("connecting")
-        if connecting is not None:
-            m.phase_by["resolve"].observe(connecting - entered["resolving"])
-            relaying = entered.get("relaying")
-            if relaying is not None:
-                m.phase_by["connect"].observe(relaying - connecting)
+        if "connecting" in entered and "resolving" in held:
+            m.phase_by["resolve"].observe(held["resolving"])
+        if "relaying" in entered:
+            m.phase_by["connect"].observe(held["connecting"])
     cache = conn.resolver.cache
     if cache.kind == "memory":  # this process's own cache; the kernel one is read at scrape time
         m.dns_memory_entries.set(len(cache))  # type: ignore[arg-type]
     if result is not None:
-        mode = RELAY_MODE_LABELS.get(result.mode, result.mode)
-        m.relayed_by[mode].inc()
-        m.bytes_by[("up", mode)].inc(result.bytes_up)
-        m.bytes_by[("down", mode)].inc(result.bytes_down)
+        m.relayed_by[RELAY_MODE_LABELS.get(result.mode, result.mode)].inc()
+        # A connection starts copied and may be handed to the kernel mid-stream: each byte is
+        # counted under the path that moved it (what the kernel redirected, the rest copied).
+        up_kernel, down_kernel = result.kernel_up, result.kernel_down
+        m.bytes_by[("up", "copy")].inc(result.bytes_up - up_kernel)
+        m.bytes_by[("down", "copy")].inc(result.bytes_down - down_kernel)
+        if up_kernel or down_kernel or result.mode == "splice":
+            m.bytes_by[("up", "kernel")].inc(up_kernel)
+            m.bytes_by[("down", "kernel")].inc(down_kernel)
 
 
 def connection_rejected(listener: str, outcome: str) -> None:

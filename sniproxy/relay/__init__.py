@@ -131,4 +131,6 @@ class Relay:
             bytes_down=copy.down.moved + conn.down.forwarded + down_kernel,
             outcome=conn.outcome or Outcome.CLOSED,
             kernel_bytes=up_kernel + down_kernel,
+            kernel_up=up_kernel,
+            kernel_down=down_kernel,
         )

@@ -26,3 +26,5 @@ class RelayResult:
     # before the hand-off, the kernel refused the sockets), or None.
     fallback_reason: str | None = None
     kernel_bytes: int = 0  # of bytes_up + bytes_down: moved by the kernel's redirect
+    kernel_up: int = 0  # of bytes_up: moved by the kernel's redirect (the metrics split by path)
+    kernel_down: int = 0  # of bytes_down: likewise
