@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
+import shutil
 import socket
 import ssl
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +39,8 @@ class UnixTlsBackend:
     def start(self) -> UnixTlsBackend:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.bind(str(self.path))
+        # The proxy runs as [server] user (not root) once started: it needs write access to connect.
+        os.chmod(self.path, 0o666)
         self.sock.listen(64)
         self.thread = threading.Thread(target=self._accept, daemon=True)
         self.thread.start()
@@ -117,11 +122,20 @@ async def transfer(port: int, ctx: ssl.SSLContext, up: int, down: int, seed: int
 
 
 @pytest.fixture
-def unix_backend(ca, tmp_path):
+def socket_dir():
+    """A directory the proxy's unprivileged user can reach (pytest's tmp_path is root-only)."""
+    path = Path(tempfile.mkdtemp(prefix="sniproxy-unix-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def unix_backend(ca, socket_dir):
     made: list[UnixTlsBackend] = []
 
     def make(expect_proxy: bool = False) -> UnixTlsBackend:
-        backend = UnixTlsBackend(tmp_path / f"app{len(made)}.sock", server_context(ca, NAME),
+        backend = UnixTlsBackend(socket_dir / f"app{len(made)}.sock", server_context(ca, NAME),
                                  expect_proxy=expect_proxy).start()
         made.append(backend)
         return backend
@@ -174,9 +188,9 @@ async def test_unix_backend_with_proxy_protocol(unix_backend, start_proxy, ca, v
     assert event["outcome"] == "closed" and event["backend"] == f"unix:{backend.path}"
 
 
-async def test_missing_unix_socket_is_connect_failed(start_proxy, ca, tmp_path):
+async def test_missing_unix_socket_is_connect_failed(start_proxy, ca, socket_dir):
     port = free_port()
-    path = tmp_path / "absent.sock"
+    path = socket_dir / "absent.sock"
     proxy = start_proxy(configs.listener(f"127.0.0.1:{port}")
                         + configs.table("default", [(NAME, f"unix:{path}")])
                         + configs.common())
@@ -185,3 +199,17 @@ async def test_missing_unix_socket_is_connect_failed(start_proxy, ca, tmp_path):
     (event,) = await proxy.access()
     assert event["outcome"] == "connect_failed"
     assert event["reason"] == f"unix:{path}: No such file or directory"
+
+
+async def test_unix_socket_the_proxy_user_may_not_write_is_refused_clearly(unix_backend, start_proxy, ca):
+    backend = unix_backend()
+    os.chmod(backend.path, 0o600)  # root's only: the suite runs as root, the proxy as [server] user
+    port = free_port()
+    proxy = start_proxy(configs.listener(f"127.0.0.1:{port}")
+                        + configs.table("default", [(NAME, f"unix:{backend.path}")])
+                        + configs.common())
+    with pytest.raises((ConnectionError, ssl.SSLError, OSError)):
+        await transfer(port, client_context(ca), 1, 1, 1)
+    (event,) = await proxy.access()
+    assert event["outcome"] == "connect_failed"
+    assert event["reason"] == f"unix:{backend.path}: Permission denied"
