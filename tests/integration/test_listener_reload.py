@@ -39,6 +39,7 @@ async def reload(proxy, workers: int, count: int) -> None:
     if workers == 1:
         await proxy.until(lambda e: e.get("event") in ("reloaded", "reload_failed"), count=count)
     else:
+        # A rejected file ends in workers_reload_failed (the supervisor's summary), else workers_reloaded.
         await proxy.until(lambda e: e.get("event") in ("workers_reloaded", "workers_reload_failed"),
                           count=count)
 
