@@ -82,8 +82,13 @@ def test_curl_host_routes_to_its_backend_byte_exact(http_backends, start_proxy, 
         ("http", "deep.b.test", "*.b.test", "closed"),
         ("http", "www.b.test", "*.b.test", "closed"),
     ]
-    assert all(e["relay"] == proxy.expected_relay for e in events)
+    # The upload moves through the relay the mode promises (the kernel when splicing). A GET answered
+    # in one round trip may end before the hand-off to the kernel: then it stays copied, and says why.
+    assert events[2]["relay"] == proxy.expected_relay
     assert events[2]["bytes_up"] > len(body)
+    for event in events[:2]:
+        assert event["relay"] == proxy.expected_relay or (
+            proxy.expected_relay == "splice" and event["relay"] == "copy" and event["splice_fallback"]), event
 
 
 def test_absolute_form_target_routes_on_its_authority(http_proxy):

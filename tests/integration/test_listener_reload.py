@@ -145,3 +145,37 @@ async def test_a_listener_that_cannot_be_bound_keeps_the_previous_config(backend
     await reload(proxy, workers, 2)
     assert await who("127.0.0.1", taken, "app.test", ctx) == "backend=a alpn=None"
     assert await who("127.0.0.1", later, "app.test", ctx) == "backend=a alpn=None"
+
+
+async def test_reload_adds_an_http_listener_to_two_workers(backends, start_proxy, tmp_path):
+    """Port 80's case: a running TLS proxy gets a plain-HTTP listener by SIGHUP, served by both
+    workers, routed on Host by the same table (curl, a real HTTP backend)."""
+    from tests.integration.test_http_listener import curl
+    from tests.support.http_backend import HttpBackend
+
+    app, data = backends
+    web = HttpBackend("web")
+    try:
+        tls_port, http_port = free_port(), free_port()
+
+        def config(with_http: bool) -> str:
+            listeners = configs.listener(f"127.0.0.1:{tls_port}")
+            if with_http:
+                listeners += configs.listener(f"127.0.0.1:{http_port}", protocol="http")
+            return (listeners
+                    + configs.table("default", [("app.test", f"127.0.0.1:{app.port}"),
+                                                ("web.test", f"127.0.0.1:{web.port}")])
+                    + configs.common() + "\n[server]\nworkers = 2\n")
+
+        proxy = start_proxy(config(False))
+        proxy.config_path.write_text(config(True))
+        await reload(proxy, 2, 1)
+        url = f"http://127.0.0.1:{http_port}/p"
+        answers = await asyncio.gather(*(asyncio.to_thread(curl, "-H", "Host: web.test", url)
+                                         for _ in range(16)))
+        assert answers == [(200, "backend=web host=web.test path=/p")] * 16
+        events = await proxy.access(count=16)
+        assert {(e["protocol"], e["sni"], e["outcome"]) for e in events} == {("http", "web.test", "closed")}
+        assert {e["worker"] for e in events} == {0, 1}
+    finally:
+        web.close()
