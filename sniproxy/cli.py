@@ -264,7 +264,9 @@ def _drop_privileges(config: Config, user: Account) -> None:
     if os.geteuid() != 0 and os.geteuid() != user.uid:
         log.warning("user_unchanged", user=config.server.user, uid=os.geteuid(),
                     reason="not started as root: the proxy keeps running as the user that started it")
-    done = drop_privileges(user, owned=[config.ebpf.pin_dir])
+    # The metrics' multiprocess files are written by the workers, which run as `user` too.
+    owned = [config.ebpf.pin_dir, *filter(None, [os.environ.get("PROMETHEUS_MULTIPROC_DIR")])]
+    done = drop_privileges(user, owned=owned)
     log.info("capabilities_dropped", before=f"{done.capabilities.before:#x}",
              after=f"{done.capabilities.after:#x}", kept=list(done.capabilities.kept),
              user=pwd_name(done.uid), uid=done.uid, gid=done.gid, no_new_privs=done.no_new_privs)

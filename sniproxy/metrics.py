@@ -267,6 +267,20 @@ class _ScrapeCollector:
         self.workers = workers
         self.read_errors: dict[str, int] = {"splice": 0, "xdp": 0, "dns_cache": 0}
         self._warned: set[str] = set()
+        # Opened now, while the process may still reach the pins: it drops its privileges (and
+        # the bpffs directory becomes unreachable) before the first scrape.
+        self._splice_fds: dict[str, int] | None = None
+        self._dns_cache: Any = None
+        if sources.splice_pin_dir is not None:
+            with contextlib.suppress(Exception):  # reported at scrape time, by the by-path fallback
+                from sniproxy.stats import open_counter_maps
+
+                self._splice_fds = open_counter_maps(sources.splice_pin_dir)
+        if sources.dns_pin_dir is not None:
+            with contextlib.suppress(Exception):
+                from sniproxy.dataplane import pinned_dns_cache
+
+                self._dns_cache = pinned_dns_cache(sources.dns_pin_dir)
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -280,11 +294,11 @@ class _ScrapeCollector:
                                 value=self.workers)
         src = self.sources
         if src.splice_pin_dir is not None:
-            yield from self._read("splice", self._splice, src.splice_pin_dir)
+            yield from self._read("splice", self._splice, (src.splice_pin_dir, self._splice_fds))
         if src.xdp is not None:
             yield from self._read("xdp", self._xdp, src.xdp)
         if src.dns_pin_dir is not None:
-            yield from self._read("dns_cache", self._dns, src.dns_pin_dir)
+            yield from self._read("dns_cache", self._dns, (src.dns_pin_dir, self._dns_cache))
         errors = CounterMetricFamily(
             "sniproxy_metrics_kernel_read_errors", "Scrapes that could not read a kernel map, by map "
             "group (its metrics are missing from that scrape).", labels=["source"])
@@ -303,12 +317,12 @@ class _ScrapeCollector:
             return []
 
     @staticmethod
-    def _splice(pin_dir: str) -> Iterator[Any]:
+    def _splice(where: tuple[str, dict[str, int] | None]) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         from sniproxy.stats import kernel_counters
 
-        k = kernel_counters(pin_dir)
+        k = kernel_counters(*where)
         t = k["traffic"]
         data = CounterMetricFamily(
             "sniproxy_kernel_bytes", "Bytes seen by the splice verdict (traffic_stats): redirected to "
@@ -353,18 +367,21 @@ class _ScrapeCollector:
         yield packets
 
     @staticmethod
-    def _dns(pin_dir: str) -> Iterator[Any]:
+    def _dns(where: tuple[str, Any]) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
 
         from sniproxy.dataplane import pinned_dns_cache
         from sniproxy.dnscache import now
 
-        cache = pinned_dns_cache(pin_dir)  # its own fd and buffers: the event loop's are not shared
+        pin_dir, kept = where
+        # Its own fd and buffers (the event loop's are not shared), opened at start when it could be.
+        cache = kept if kept is not None else pinned_dns_cache(pin_dir)
         try:
             at = now()
             live = sum(1 for _, answer in cache.entries() if answer.expires > at)
         finally:
-            cache.close()
+            if cache is not kept:
+                cache.close()
         yield GaugeMetricFamily("sniproxy_dns_cache_entries", "Unexpired names in the kernel DNS "
                                 "cache (the pinned dns_cache map, shared by every process).", value=live)
 

@@ -146,6 +146,11 @@ def drop_privileges(user: Account, owned: Iterable[str] = ()) -> Privileges:
             for path in owned:
                 if os.path.exists(path):
                     os.chown(path, user.uid, user.gid)
+                    if os.path.isdir(path) and not os.path.ismount(path):
+                        for name in os.listdir(path):  # files made there before the switch
+                            child = os.path.join(path, name)
+                            if os.path.isfile(child) and not os.path.islink(child):
+                                os.chown(child, user.uid, user.gid)
         # Capabilities first: dropping the bounding set needs CAP_SETPCAP, which setuid() below
         # removes; setuid() itself keeps working (CAP_SETUID stays effective until the switch).
         dropped = drop_capabilities(frozenset((CAP_SETUID, CAP_SETGID)) if switch else frozenset(),

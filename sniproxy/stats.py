@@ -170,18 +170,31 @@ def collect(pin_dir: str, top: int = 10) -> dict[str, Any]:
     }
 
 
-def kernel_counters(pin_dir: str) -> dict[str, Any]:
+def open_counter_maps(pin_dir: str) -> dict[str, int]:
+    """The maps kernel_counters() reads, opened once: a process that drops its privileges after
+    start (a metrics endpoint) opens them before, since the pins are then out of its reach."""
+    fds: dict[str, int] = {}
+    try:
+        fds["traffic_stats"] = _open(pin_dir, "traffic_stats", ct.sizeof(maps.TrafficStats))
+        fds["splice_slots"] = _open(pin_dir, "splice_slots", ct.sizeof(ct.c_uint32))
+        fds["sock_map"] = _open(pin_dir, "sock_map", None)
+    except BaseException:
+        for fd in fds.values():
+            os.close(fd)
+        raise
+    return fds
+
+
+def kernel_counters(pin_dir: str, opened: dict[str, int] | None = None) -> dict[str, Any]:
     """The cheap part of collect(), for a metrics scrape: traffic_stats totals, the sockets in
     sock_map, and the handed-off pairs splice_slots tracks (two entries each). No sock_diag dump,
-    nothing per connection kept."""
+    nothing per connection kept. `opened`: fds from open_counter_maps (kept open)."""
     fds: list[int] = []
     try:
-        traffic_fd = _open(pin_dir, "traffic_stats", ct.sizeof(maps.TrafficStats))
-        fds.append(traffic_fd)
-        slots_fd = _open(pin_dir, "splice_slots", ct.sizeof(ct.c_uint32))
-        fds.append(slots_fd)
-        sock_fd = _open(pin_dir, "sock_map", None)
-        fds.append(sock_fd)
+        if opened is None:
+            opened = open_counter_maps(pin_dir)
+            fds = list(opened.values())
+        traffic_fd, slots_fd, sock_fd = opened["traffic_stats"], opened["splice_slots"], opened["sock_map"]
         traffic = maps.read_traffic(traffic_fd).as_dict()
         tracked = len(maps.keys_u64(slots_fd))
         sockets = len(maps.keys_u64(sock_fd))
@@ -191,3 +204,51 @@ def kernel_counters(pin_dir: str) -> dict[str, Any]:
         for fd in fds:
             os.close(fd)
     return {"traffic": traffic, "sockets": sockets, "pairs": (tracked + 1) // 2}
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError(n)
+
+
+def render(report: dict[str, Any]) -> list[str]:
+    t = report["totals"]
+    lines = [
+        f"pin_dir {report['pin_dir']}",
+        f"spliced bytes   {t['bytes']} ({_size(t['bytes'])}): redirected by the kernel {t['redir_bytes']}, "
+        f"left to the proxy {t['pass_bytes']} (held back {t['held_bytes']})",
+        f"packets         redirected {t['redir_pkts']}, passed {t['pass_pkts']}, redirect failures "
+        f"{t['redir_fail']}, no peer {t['no_peer_pkts']}, fin {t['fin_pkts']}",
+        f"open            {report['connections_total']} connection(s), {report['spliced_sockets']} "
+        f"socket(s) in sock_map",
+    ]
+    if report["connections"]:
+        lines.append("")
+        lines.append(f"{'BYTES':>10} {'UP':>10} {'DOWN':>10} {'AGE':>8} {'IDLE':>8}  CLIENT -> BACKEND")
+        for conn in report["connections"]:
+            ends = " -> ".join(side["remote"] or f"cookie {side['cookie']}" for side in conn["sides"])
+            lines.append(f"{_size(conn['bytes']):>10} {_size(conn['bytes_up']):>10} "
+                         f"{_size(conn['bytes_down']):>10} {conn['age_seconds']:>7.1f}s "
+                         f"{conn['idle_seconds']:>7.1f}s  {ends}")
+    return lines
+
+
+def run(pin_dir: str, top: int, as_json: bool, out: TextIO = sys.stdout) -> int:
+    """The `stats` command: 0 on success, 1 (with the reason on stderr) when the maps cannot be read."""
+    try:
+        report = collect(pin_dir, top)
+    except (StatsError, KernelError) as exc:
+        print(f"sniproxy: {exc}", file=sys.stderr)
+        return 1
+    if as_json:
+        json.dump(report, out, indent=2)
+        out.write("\n")
+    else:
+        out.write("\n".join(render(report)) + "\n")
+    return 0

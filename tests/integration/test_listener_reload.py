@@ -39,7 +39,9 @@ async def reload(proxy, workers: int, count: int) -> None:
     if workers == 1:
         await proxy.until(lambda e: e.get("event") in ("reloaded", "reload_failed"), count=count)
     else:
-        await proxy.until(lambda e: e.get("event") == "workers_reloaded", count=count)
+        # A rejected file ends in workers_reload_failed (the supervisor's summary), else workers_reloaded.
+        await proxy.until(lambda e: e.get("event") in ("workers_reloaded", "workers_reload_failed"),
+                          count=count)
 
 
 def refused(port: int) -> bool:
