@@ -441,7 +441,10 @@ async def test_a_restart_with_only_the_units_capabilities_reuses_the_pinned_map(
         port = free_port()
         text = (configs.listener(f"127.0.0.1:{port}")
                 + configs.table("default", [("app.test", f"caps-backend.test:{backend.port}")])
-                + configs.common(dns.address, splice=True, pin_dir=pin_dir))
+                + configs.common(dns.address, splice=True, pin_dir=pin_dir)
+                # The capabilities are the point here, not the user switch (setpriv keeps uid 0 and
+                # lacks CAP_SETUID): the nspawn tests run the real unit, as its User=.
+                + '\n[server]\nuser = "root"\n')
         assert effective_caps_under(AS_THE_UNIT) == UNIT_CAP_EFF
         for run in ("first", "second"):
             proxy = start_proxy(text, argv_prefix=AS_THE_UNIT)
