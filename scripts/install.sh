@@ -34,16 +34,17 @@ debian_sniproxy() {
     *" installed "*|*" config-files "*) printf "Debian package sniproxy %s (%s)\n" "${status##* }" "${status% *}" ;;
   esac
   local f
+  # /lib is /usr/lib on a merged-/usr system: each file once.
   for f in /etc/init.d/sniproxy /lib/systemd/system/sniproxy.service /usr/lib/systemd/system/sniproxy.service; do
-    [ -e "$f" ] && printf '%s\n' "$f"
-  done
+    [ -e "$f" ] && readlink -f "$f"
+  done | awk '!seen[$0]++'
   return 0
 }
 if [ "$UNIT_NAME" = sniproxy ]; then
   found=$(debian_sniproxy)
   if [ -n "$found" ]; then
     log "Debian's sniproxy (the C proxy) is on this machine and owns the name sniproxy.service:"
-    printf '  %s\n' $found | sed 's/^/install: /' >&2
+    printf '%s\n' "$found" | sed 's/^/install:   /' >&2
     log "installing ours as sniproxy.service would shadow its unit, and 'systemctl enable sniproxy' would"
     log "also enable its init script. Nothing was installed. Either remove it (apt-get purge sniproxy)"
     log "or install ours under another name: make install UNIT_NAME=sniproxy-ebpf"

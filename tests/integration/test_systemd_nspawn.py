@@ -147,11 +147,29 @@ def _kernel_objects(bpffs: Path) -> dict[str, object]:
     return {"maps": maps, "progs": progs}
 
 
+def _no_daemon_starts(box: Container) -> None:
+    """Debian maintainer scripts must not start or stop the C sniproxy (it would bind 80/443 of the
+    shared network): invoke-rc.d asks policy-rc.d, and 101 means "not allowed"."""
+    box.write("/usr/sbin/policy-rc.d", "#!/bin/sh\nexit 101\n")
+    box.run("chmod", "755", "/usr/sbin/policy-rc.d")
+
+
+def _purge_debian_sniproxy(box: Container) -> None:
+    status = box.run("dpkg-query", "-W", "-f=${Status}", "sniproxy", check=False).stdout
+    if status.endswith((" installed", " config-files")):
+        _no_daemon_starts(box)
+        box.run("dpkg", "--purge", "sniproxy")
+
+
 @pytest.fixture(scope="module")
 def container() -> Iterator[Container]:
     box = Container(f"sniproxy-test-{os.getpid()}")
     try:
         box.start()
+        # `make bench` installs Debian's C sniproxy on this machine (a peer it measures against), and
+        # the overlay shows it in here too; install.sh then refuses the unit name (see the last test).
+        # These tests are about our unit under its own name: remove theirs, inside the container only.
+        _purge_debian_sniproxy(box)
         # A machine that never had the user (this one has it from make setup): install.sh creates it.
         box.run("deluser", "--quiet", "sniproxy")
         res = box.run("bash", "-c", f"cd {REPO} && scripts/install.sh")
@@ -456,14 +474,17 @@ def test_install_beside_debians_sniproxy_package() -> None:
     box = Container(f"sniproxy-deb-{os.getpid()}")
     try:
         box.start()
-        # Its postinst would start the C daemon (on ports 80/443 of the shared network): policy-rc.d says no.
-        box.write("/usr/sbin/policy-rc.d", "#!/bin/sh\nexit 101\n")
-        box.run("chmod", "755", "/usr/sbin/policy-rc.d")
+        # Installed from the real .deb (again, when this machine has it already: same result).
+        _no_daemon_starts(box)
         box.run("dpkg", "-i", *debs)
         res = box.run("bash", "-c", f"cd {REPO} && make install", check=False)
         assert res.returncode != 0, res.stdout + res.stderr
         assert "Debian's sniproxy (the C proxy) is on this machine and owns the name sniproxy.service" in res.stderr
-        assert "/etc/init.d/sniproxy" in res.stderr and "Nothing was installed" in res.stderr, res.stderr
+        assert "install:   /etc/init.d/sniproxy\n" in res.stderr and "Nothing was installed" in res.stderr, res.stderr
+        (deb,) = [d for d in debs if "/sniproxy_" in d]
+        version = subprocess.run(["dpkg-deb", "-f", deb, "Version"], capture_output=True, text=True,
+                                 check=True).stdout.strip()
+        assert f"install:   Debian package sniproxy {version} (install ok installed)\n" in res.stderr, res.stderr
         assert "make install UNIT_NAME=sniproxy-ebpf" in res.stderr, res.stderr
         assert box.run("test", "-e", "/etc/systemd/system/sniproxy.service", check=False).returncode == 1
         assert box.run("test", "-e", "/opt/sniproxy", check=False).returncode == 1
