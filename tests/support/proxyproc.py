@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,6 +29,9 @@ class ProxyProcess:
         self.config_path = self._config_dir / config_path.name
         shutil.copyfile(config_path, self.config_path)
         self.config_path.chmod(0o644)
+        # stop() removes it; a test that only waits for a proxy to exit by itself never calls stop():
+        # removed when this object goes, or at the latest when the test session ends.
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self._config_dir, True)
         self.log_path = log_path
         self._log_file = open(log_path, "wb")
         full_env = dict(os.environ)
@@ -99,5 +103,5 @@ class ProxyProcess:
                 self.proc.kill()
                 self.proc.wait()
         self._log_file.close()
-        shutil.rmtree(self._config_dir, ignore_errors=True)
+        self._cleanup()
         return self.proc.returncode
