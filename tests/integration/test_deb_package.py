@@ -10,6 +10,7 @@ import asyncio
 import os
 import re
 import subprocess
+import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -90,8 +91,11 @@ def _leftovers(c: Container) -> list[str]:
 async def test_install_serve_reload_stop_purge(box: Container, deb: Path, ca) -> None:
     c = box
     # -- install: the issue's own command; every dependency comes from the local repository
+    started = time.monotonic()
     res = await asyncio.to_thread(_apt, c, f"apt install -y ./{deb.name}")
     assert _status(c, PACKAGE) == "install ok installed", res.stdout[-3000:]
+    summary = re.search(r"^\d+ upgraded, \d+ newly installed.*$", res.stdout, re.M)
+    print(f"apt install ./{deb.name}: {summary and summary.group(0)} in {time.monotonic() - started:.0f} s")
     for dep in ("python3-bpfcc", "procps", "adduser", "bpftool", "linux-headers-amd64"):
         assert _status(c, dep) == "install ok installed", f"{dep} was not pulled in:\n{res.stdout[-3000:]}"
     user = c.run("getent", "passwd", "sniproxy").stdout.strip().split(":")
