@@ -1,4 +1,4 @@
-# Throughput of direct loopback vs SpliceRelay vs CopyRelay, 1 and 8 streams, a few repetitions,
+# Throughput of direct loopback vs the kernel splice vs userspace copy, 1 and 8 streams, a few repetitions,
 # printed as ratios to direct, with the proxy's CPU seconds per GB. Needs root (BPF).
 # Run: .venv/bin/python bench/splice_throughput.py [--reps 3] [--mb-per-stream 300]
 from __future__ import annotations
@@ -21,8 +21,7 @@ ENDPOINTS = ROOT / "tests" / "kernel" / "endpoints.py"
 import uvloop  # noqa: E402
 
 from sniproxy.kernel.loader import DataPlane  # noqa: E402
-from sniproxy.relay import CopyRelay  # noqa: E402
-from sniproxy.splice_relay import SpliceRelay  # noqa: E402
+from sniproxy.relay import Relay  # noqa: E402
 
 
 def cpu_seconds() -> float:
@@ -88,12 +87,11 @@ async def proxied(relay, streams: int, size: int) -> tuple[float, float]:
     return streams * size / json.loads(out)["seconds"], cpu / (streams * size / 1e9)
 
 
-MODES = ("direct", "splice", "copy", "ceiling", "ceiling-nomsg")
-MODE_HELP = """direct: no proxy. splice: SpliceRelay as shipped (queue limit, holds, userspace catch-up).
-copy: CopyRelay. ceiling: SpliceRelay with a queue limit no stream reaches, so the verdict never
-holds and this process never touches payload: the best the kernel path can do (kernel memory is
-then unbounded: not shippable). ceiling-nomsg: the same without the sk_msg program, whose
-tcp_bpf_sendmsg copies every redirected byte once more (perf: sk_msg_memcopy_from_iter)."""
+MODES = ("direct", "splice", "copy", "ceiling")
+MODE_HELP = """direct: no proxy. splice: the relay as shipped (hand-off at splice_after = 1 MiB, queue
+limit, holds, userspace catch-up). copy: userspace copy only. ceiling: splice with a queue limit no
+stream reaches, so the verdict never holds and this process never touches payload after the
+hand-off: the best the kernel path can do (kernel memory is then unbounded: not shippable)."""
 UNBOUNDED = 1 << 60
 
 
@@ -108,15 +106,14 @@ def main() -> None:
         modes.insert(0, "direct")  # the ratios need it
     planes: dict[str, DataPlane] = {}
     try:
-        for mode, kwargs in (("splice", {}), ("ceiling", {"queue_limit": UNBOUNDED}),
-                             ("ceiling-nomsg", {"queue_limit": UNBOUNDED, "msg_program": False})):
+        for mode, kwargs in (("splice", {}), ("ceiling", {"queue_limit": UNBOUNDED})):
             if mode in modes:
                 planes[mode] = DataPlane.load(f"/sys/fs/bpf/sniproxy-bench-{os.getpid()}-{mode}", **kwargs)
 
         def run(mode: str, streams: int, size: int) -> tuple[float, float]:
             if mode == "direct":
                 return direct(streams, size)
-            relay = CopyRelay() if mode == "copy" else SpliceRelay(planes[mode].splice_table, CopyRelay())
+            relay = Relay() if mode == "copy" else Relay(planes[mode].splice_table)
             return uvloop.run(asyncio.wait_for(proxied(relay, streams, size), 120))
 
         results: dict[tuple[str, int], list[tuple[float, float, float]]] = {}

@@ -138,7 +138,8 @@ def _run_workers(config: Config, workers: int) -> int:
                                              sockets[index], index, workers, channel)
 
                     return Supervisor(workers, sockets, serve, Notifier.from_environ(),
-                                      config.limits.shutdown_grace).run()
+                                      config.limits.shutdown_grace,
+                                      on_worker_exit=lambda index: relay.forget_worker(index, workers)).run()
                 finally:
                     for socks in sockets:
                         for sock in socks:
@@ -157,7 +158,7 @@ def _serve_worker(config: Config, relay: Relay, xdp: XdpGate | None, dns_cache: 
     from sniproxy.server import Server
     from sniproxy.workers import ChannelNotifier
 
-    relay.use_worker(index)
+    relay.use_worker(index, workers)
 
     async def main() -> None:
         resolver = Resolver(config.resolver, dns_cache)

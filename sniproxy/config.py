@@ -137,6 +137,9 @@ class ServerConfig:
 class EbpfConfig:
     splice: bool = True
     pin_dir: str = "/sys/fs/bpf/sniproxy"
+    # Bytes a connection moves (either way) in userspace before it is handed to the kernel; 0: at
+    # once. Below about 1 MB the hand-off costs more CPU than copying saves (docs/benchmarks.md).
+    splice_after: int = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -506,7 +509,7 @@ _LOG_KEYS = ("format", "level", "access_log")
 _SERVER_KEYS = ("workers",)
 # One splice_events ring per worker in ebpf/splice.c (SNIPROXY_MAX_WORKERS): kept in step by a test.
 MAX_WORKERS = 16
-_EBPF_KEYS = ("splice", "pin_dir")
+_EBPF_KEYS = ("splice", "pin_dir", "splice_after")
 _XDP_KEYS = ("enabled", "interfaces", "mode", "allow")
 XDP_MODES = ("auto", "native", "generic")
 XDP_MAX_ALLOW = 16384  # ebpf/xdp_filter.h XDP_MAX_ALLOW
@@ -676,7 +679,8 @@ def _ebpf(data: object) -> EbpfConfig:
     pin_dir = s.string("pin_dir", "/sys/fs/bpf/sniproxy")
     if not pin_dir.startswith("/"):
         raise ConfigError("ebpf.pin_dir", f"must be an absolute path, got {pin_dir!r}")
-    return EbpfConfig(splice=s.boolean("splice", True), pin_dir=pin_dir)
+    return EbpfConfig(splice=s.boolean("splice", True), pin_dir=pin_dir,
+                      splice_after=s.integer("splice_after", 1 << 20, minimum=0, maximum=1 << 40))
 
 
 def _xdp(data: object) -> XdpConfig:

@@ -316,4 +316,6 @@ class Connection:
             event["reason"] = reason
         if result and result.fallback_reason:
             event["splice_fallback"] = result.fallback_reason
+        if result and result.kernel_bytes:
+            event["kernel_bytes"] = result.kernel_bytes
         access_log.info("access", **event)

@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING
 import structlog
 
 from sniproxy.config import EbpfConfig, XdpConfig
-from sniproxy.relay import CopyRelay, Relay
+from sniproxy.relay import Relay
 
 log = structlog.get_logger("sniproxy.dataplane")
 
 
 @contextlib.contextmanager
 def open_relay(config: EbpfConfig) -> Iterator[Relay]:
-    copy = CopyRelay()
+    copy = Relay()
     if not config.splice:
         log.info("relay_mode", mode="copy", reason="splice disabled by [ebpf] splice = false")
         yield copy
@@ -28,7 +28,6 @@ def open_relay(config: EbpfConfig) -> Iterator[Relay]:
     try:
         from sniproxy.kernel.loader import DataPlane
         from sniproxy.kernel.probe import probe
-        from sniproxy.splice_relay import SpliceRelay
     except ImportError as exc:  # the kernel package itself failed to import: still serve
         log.warning("relay_mode", mode="copy", reason=f"kernel data plane not importable: {exc}")
         yield copy
@@ -45,8 +44,8 @@ def open_relay(config: EbpfConfig) -> Iterator[Relay]:
         yield copy
         return
     try:
-        log.info("relay_mode", mode="splice", pin_dir=config.pin_dir)
-        yield SpliceRelay(plane.splice_table, copy)
+        log.info("relay_mode", mode="splice", pin_dir=config.pin_dir, splice_after=config.splice_after)
+        yield Relay(plane.splice_table, splice_after=config.splice_after)
     finally:
         plane.close()
 

@@ -16,7 +16,7 @@ import structlog
 from sniproxy.config import Config, ConfigError, ListenerConfig, load_config
 from sniproxy.connection import Connection, Policy, access_log, peer_text
 from sniproxy.dataplane import DataPlaneError, XdpGate
-from sniproxy.relay import CopyRelay, Relay
+from sniproxy.relay import Relay
 from sniproxy.resolver import Resolver
 from sniproxy.routing import RouteTable
 from sniproxy.systemd import Notifier
@@ -102,7 +102,7 @@ class _Listening:
 @dataclass
 class Server:
     config: Config
-    relay: Relay = field(default_factory=CopyRelay)
+    relay: Relay = field(default_factory=Relay)
     resolver: Resolver | None = None
     reloads: int = 0
     notifier: Notifier = field(default_factory=Notifier.disabled)  # the CLI passes the real one

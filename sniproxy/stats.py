@@ -1,6 +1,6 @@
 # `sniproxy stats`: what the kernel counted, read from the maps a splice-mode proxy pinned under
-# pin_dir (the proxy itself is never contacted): totals from traffic_stats, the top connections by bytes
-# from conn_stats, named by their sockets' addresses (sock_diag). Invariant: read-only; no map is written.
+# pin_dir (the proxy itself is never contacted): totals from traffic_stats, the top handed-off
+# connections by bytes from splice_slots/splice_state, named by their sockets' addresses (sock_diag). Invariant: read-only; no map is written.
 from __future__ import annotations
 
 import ctypes as ct
@@ -102,15 +102,19 @@ def collect(pin_dir: str, top: int = 10) -> dict[str, Any]:
     try:
         traffic_fd = _open(pin_dir, "traffic_stats", ct.sizeof(maps.TrafficStats))
         fds.append(traffic_fd)
-        conn_fd = _open(pin_dir, "conn_stats", ct.sizeof(maps.ConnStats))
-        fds.append(conn_fd)
+        slots_fd = _open(pin_dir, "splice_slots", ct.sizeof(ct.c_uint32))
+        fds.append(slots_fd)
+        state_fd = _open(pin_dir, "splice_state", ct.sizeof(maps.SpliceSlot))
+        fds.append(state_fd)
         sock_fd = _open(pin_dir, "sock_map", None)  # only its keys are counted
         fds.append(sock_fd)
         traffic = maps.read_traffic(traffic_fd)
-        per_socket: dict[int, maps.ConnStats] = {}
-        for cookie in maps.keys_u64(conn_fd):
-            value = maps.ConnStats()
-            if maps.lookup(conn_fd, ct.c_uint64(cookie), value):  # else: removed while we read
+        per_socket: dict[int, maps.SpliceSlot] = {}
+        index = ct.c_uint32()
+        for cookie in maps.keys_u64(slots_fd):
+            value = maps.SpliceSlot()
+            # else: removed while we read
+            if maps.lookup(slots_fd, ct.c_uint64(cookie), index) and maps.lookup(state_fd, index, value):
                 per_socket[cookie] = value
         spliced_sockets = len(maps.keys_u64(sock_fd))
     except OSError as exc:
@@ -139,7 +143,7 @@ def collect(pin_dir: str, top: int = 10) -> dict[str, Any]:
             if local is not None and listening:
                 role = "client" if _is_accepted(local, listening) else "backend"
             fields = s.as_dict()
-            for internal in ("peer", "start_ns", "last_ns"):
+            for internal in ("cookie", "peer", "start_ns", "last_ns", "release_at", "toward_base", "worker"):
                 del fields[internal]
             sides.append({"role": role, "cookie": c, "local": local, "remote": remote, **fields})
         sides.sort(key=lambda side: side["role"] != "client")

@@ -97,6 +97,9 @@ class Supervisor:
     serve: Callable[[int, int], int]
     notifier: Notifier = field(default_factory=Notifier.disabled)
     shutdown_grace: float = 30.0
+    # Called with a worker's index once it is reaped, before its replacement starts: kernel state
+    # the dead process owned (its spliced pairs' map entries) is cleaned up here.
+    on_worker_exit: Callable[[int], None] | None = None
 
     def __post_init__(self) -> None:
         self._workers = [_Worker(i) for i in range(self.count)]
@@ -298,6 +301,11 @@ class Supervisor:
                 worker.pid = 0
                 worker.ready = False
                 dead.append((worker, status))
+                if self.on_worker_exit is not None:
+                    try:
+                        self.on_worker_exit(worker.index)
+                    except Exception as exc:  # cleanup must never stop the supervisor
+                        log.error("worker_cleanup_failed", worker=worker.index, error=str(exc))
         return dead
 
     def _take_signals(self) -> list[int]:

@@ -75,7 +75,9 @@ def start_proxy(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Star
             pin_dir = Path(f"/sys/fs/bpf/sniproxy-e2e-{os.getpid()}-{n}")
             pin_dirs.append(pin_dir)
             assert "splice = false" in text, "relay_mode tests must build their config with configs.common()"
-            text = text.replace("splice = false", f'splice = true\npin_dir = "{pin_dir}"')
+            # Hand every connection to the kernel at once: these runs test the kernel path with
+            # the short exchanges of the e2e tests (tests/kernel/test_handoff.py: the threshold).
+            text = text.replace("splice = false", f'splice = true\nsplice_after = 0\npin_dir = "{pin_dir}"')
             # The kernel DNS cache too: those runs exercise the whole BPF side, not just the splice.
             text = text.replace("kernel_cache = false", "kernel_cache = true")
             if mode == "nocap":

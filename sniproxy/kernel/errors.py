@@ -26,4 +26,4 @@ class SpliceUnavailable(SpliceError):
 
 
 class SpliceTableFull(SpliceError):
-    """No room in sock_map / conn_stats (E2BIG, ENOSPC, ENOMEM)."""
+    """No room in sock_map / splice_slots / this worker's share of splice_state (E2BIG, ENOSPC, ENOMEM)."""

@@ -1,4 +1,4 @@
-# Compiles ebpf/splice.c with BCC once, attaches its programs to sock_map, pins the maps under pin_dir
+# Compiles ebpf/splice.c with BCC once, attaches its verdict to sock_map, pins the maps under pin_dir
 # and undoes all of it in close(). Invariant: while a DataPlane is open its programs are attached
 # before any socket can be inserted, and after close() nothing of it is attached or pinned.
 from __future__ import annotations
@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import ctypes as ct
 import errno
+import mmap
 import os
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,13 +23,32 @@ DEFAULT_PIN_DIR = "/sys/fs/bpf/sniproxy"
 BPFFS_ROOT = "/sys/fs/bpf"
 
 # Maps pinned under pin_dir (the names a user sees in bpftool).
-PINNED_MAPS = ("sock_map", "conn_map", "traffic_stats", "conn_stats", "conn_ctl", "splice_cfg")
+PINNED_MAPS = ("sock_map", "splice_slots", "splice_state", "traffic_stats", "splice_cfg")
 
-# The verdict's hold notifications: one ring per worker process (conn_ctl.worker picks it).
+# The verdict's hold notifications: one ring per worker process (splice_slot.worker picks it).
 EVENT_RINGS = tuple(f"splice_events{i}" for i in range(maps.SNIPROXY_MAX_WORKERS))
 
 _NR_BPF = 321  # x86_64
 _BPF_OBJ_PIN = 6
+
+
+def tcp_bytes_acked_offset() -> int:
+    """Byte offset of tcp_sock.bytes_acked in the running kernel, from its BTF (bpftool). BCC compiles
+    against Debian's headers, which need not match the running kernel's struct layout, so the verdict
+    reads the field at this offset rather than by name."""
+    try:
+        out = subprocess.run(["bpftool", "btf", "dump", "file", "/sys/kernel/btf/vmlinux", "format", "raw"],
+                             capture_output=True, text=True, check=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise KernelError("reading the kernel's BTF with bpftool failed", str(e)) from e
+    in_struct = False
+    for line in out.splitlines():
+        if line.startswith("["):
+            in_struct = " STRUCT 'tcp_sock' " in line
+        elif in_struct and line.strip().startswith("'bytes_acked' "):
+            bits = int(line.split("bits_offset=")[1].split()[0])
+            return bits // 8
+    raise KernelError("the kernel's BTF has no tcp_sock.bytes_acked")
 
 
 @contextlib.contextmanager
@@ -93,12 +114,16 @@ class DataPlane:
         lib = self._lib()
         self.fds = {
             name: lib.bpf_table_fd(bpf.module, name.encode())  # type: ignore[attr-defined]
-            for name in (*PINNED_MAPS, "sk_cookie", *EVENT_RINGS)
+            for name in (*PINNED_MAPS, *EVENT_RINGS)
         }
         missing = [n for n, fd in self.fds.items() if fd < 0]
         if missing:
             raise KernelError("maps missing after compile", ", ".join(missing))
-        self.splice_table = SpliceTable(self.fds, open_events=self._open_events,
+        # splice_state is read and written as memory: no bpf() call per access (BPF_F_MMAPABLE). A
+        # shared mapping, so forked workers see the same slots.
+        self._state = mmap.mmap(self.fds["splice_state"], maps.SNIPROXY_MAX_SOCKETS * ct.sizeof(maps.SpliceSlot),
+                                mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.splice_table = SpliceTable(self.fds, self._state, open_events=self._open_events,
                                         read_events=self._read_events)
 
     @staticmethod
@@ -109,20 +134,19 @@ class DataPlane:
 
     @classmethod
     def load(cls, pin_dir: str = DEFAULT_PIN_DIR, *, queue_limit: int | None = None,
-             source: Path = SPLICE_SRC, msg_program: bool = True) -> DataPlane:
-        """Compile splice.c, attach both programs to sock_map, pin the maps under pin_dir (replacing
-        stale pins of an earlier run). Raises KernelError with the compiler's/kernel's message.
-        msg_program=False leaves redirect_msg detached: only for bench/splice_throughput.py, which
-        measures what it costs (without it nothing counts the queue toward a socket down, so the
-        verdict holds for good once the queue limit is reached)."""
+             source: Path = SPLICE_SRC) -> DataPlane:
+        """Compile splice.c, attach its verdict to sock_map, pin the maps under pin_dir (replacing
+        stale pins of an earlier run). Raises KernelError with the compiler's/kernel's message."""
         try:
             from bcc import BPF, BPFAttachType
         except ImportError as e:  # pragma: no cover - probe() reports this first
             raise KernelError("the bcc Python module is not importable", str(e)) from e
         ensure_bpffs(pin_dir)
+        acked_offset = tcp_bytes_acked_offset()
         with _captured_stderr() as messages:
             try:
-                bpf = BPF(src_file=str(Path(source).resolve()).encode(), cflags=[f"-I{EBPF_DIR}"])
+                bpf = BPF(src_file=str(Path(source).resolve()).encode(),
+                          cflags=[f"-I{EBPF_DIR}", f"-DSNIPROXY_TCP_BYTES_ACKED_OFF={acked_offset}"])
             except Exception as e:  # BCC raises a bare Exception
                 compile_error: Exception | None = e
             else:
@@ -142,7 +166,6 @@ class DataPlane:
             with _captured_stderr() as messages:
                 try:
                     verdict = bpf.load_func(b"splice_verdict", BPF.SK_SKB)
-                    msg = bpf.load_func(b"redirect_msg", BPF.SK_MSG)
                 except Exception as e:
                     load_error: Exception | None = e
                 else:
@@ -150,10 +173,7 @@ class DataPlane:
             if load_error is not None:
                 raise KernelError("the verifier rejected splice.c", messages().strip() or str(load_error))
             sock_map = plane.fds["sock_map"]
-            for fn, kind in ((verdict, BPFAttachType.SK_SKB_STREAM_VERDICT),
-                             (msg, BPFAttachType.SK_MSG_VERDICT)):
-                if fn is msg and not msg_program:
-                    continue
+            for fn, kind in ((verdict, BPFAttachType.SK_SKB_STREAM_VERDICT),):
                 res = plane._lib().bpf_prog_attach(fn.fd, sock_map, kind, 0)
                 if res < 0:
                     err = ct.get_errno() if res == -1 else -res
@@ -213,6 +233,8 @@ class DataPlane:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         self._pinned.clear()
+        with contextlib.suppress(BufferError, ValueError):
+            self._state.close()
         with contextlib.suppress(OSError):
             os.rmdir(self.pin_dir)  # only when empty: other components may pin here too
         self._bpf.cleanup()  # type: ignore[attr-defined]

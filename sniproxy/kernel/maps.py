@@ -44,8 +44,6 @@ class TrafficStats(ct.Structure):
         ("no_peer_pkts", ct.c_uint64),
         ("fin_pkts", ct.c_uint64),
         ("unknown_pkts", ct.c_uint64),
-        ("msg_bytes", ct.c_uint64),
-        ("msg_count", ct.c_uint64),
         ("events", ct.c_uint64),
         ("events_lost", ct.c_uint64),
     ]
@@ -54,38 +52,28 @@ class TrafficStats(ct.Structure):
         return {name: getattr(self, name) for name, _ in self._fields_}
 
 
-class ConnStats(ct.Structure):
+class SpliceSlot(ct.Structure):
     _fields_ = [
+        ("cookie", ct.c_uint64),
         ("peer", ct.c_uint64),
+        ("release_at", ct.c_uint64),
+        ("toward_base", ct.c_uint64),
         ("start_ns", ct.c_uint64),
-        ("last_ns", ct.c_uint64),
+        ("worker", ct.c_uint32),
+        ("pad", ct.c_uint32),
         ("rx_bytes", ct.c_uint64),
-        ("rx_pkts", ct.c_uint64),
         ("redir_bytes", ct.c_uint64),
-        ("redir_pkts", ct.c_uint64),
         ("pass_bytes", ct.c_uint64),
-        ("pass_pkts", ct.c_uint64),
-        ("tx_bytes", ct.c_uint64),
-        ("tx_msgs", ct.c_uint64),
-        ("queued", ct.c_int64),
         ("held_pkts", ct.c_uint64),
+        ("last_ns", ct.c_uint64),
     ]
 
     def as_dict(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name, _ in self._fields_}
-
-
-class ConnCtl(ct.Structure):
-    _fields_ = [("release_at", ct.c_uint64), ("queued_adj", ct.c_int64), ("worker", ct.c_uint32),
-                ("pad", ct.c_uint32)]
+        return {name: getattr(self, name) for name, _ in self._fields_ if name != "pad"}
 
 
 class SpliceCfg(ct.Structure):
     _fields_ = [("queue_limit", ct.c_uint64)]
-
-
-class SockTag(ct.Structure):
-    _fields_ = [("cookie", ct.c_uint64)]
 
 
 class SpliceEvent(ct.Structure):
@@ -100,10 +88,8 @@ class SpliceEvent(ct.Structure):
 # C struct name -> mirror, for the BTF comparison test.
 MIRRORS: dict[str, type[ct.Structure]] = {
     "traffic_stats": TrafficStats,
-    "conn_stats": ConnStats,
-    "conn_ctl": ConnCtl,
+    "splice_slot": SpliceSlot,
     "splice_cfg": SpliceCfg,
-    "sock_tag": SockTag,
     "splice_event": SpliceEvent,
 }
 
@@ -146,6 +132,25 @@ def lookup(fd: int, key: ct._SimpleCData | ct.Structure, value: ct._SimpleCData 
             return False
         _check(res, "bpf_map_lookup_elem")
     return True
+
+
+def update_batch(fd: int, keys: ct.Array, values: ct.Array, what: str = "bpf_map_update_batch") -> None:
+    """One bpf() call for several elements (BPF_MAP_UPDATE_BATCH): all or an error naming the map."""
+    count = ct.c_uint32(len(keys))
+    res = _libbcc().bpf_map_update_batch(fd, ct.byref(keys), ct.byref(values), ct.byref(count), None)
+    _check(res, what)
+
+
+def delete_batch(fd: int, keys: ct.Array, what: str = "bpf_map_delete_batch") -> int:
+    """One bpf() call deleting several keys (BPF_MAP_DELETE_BATCH). Stops at the first absent key
+    (ENOENT): returns how many were deleted."""
+    count = ct.c_uint32(len(keys))
+    res = _libbcc().bpf_map_delete_batch(fd, ct.byref(keys), ct.byref(count), None)
+    if res < 0:
+        err = ct.get_errno() if res == -1 else -res
+        if err != errno.ENOENT:
+            _check(res, what)
+    return count.value
 
 
 def keys_u64(fd: int) -> list[int]:

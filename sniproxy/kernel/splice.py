@@ -1,12 +1,17 @@
 # SpliceTable: puts a pair of connected TCP sockets into the kernel's splice maps and takes them out
-# again. Invariant: a pair is either fully present (sk_cookie, conn_stats, conn_ctl, conn_map for both,
-# then sock_map for both) or absent; add_pair rolls back on any failure (but see its note on a
-# socket that went into sock_map alone), remove deletes every entry.
+# again, in at most four bpf() calls per pair over its whole life: one batch update of splice_slots
+# and one sock_map update per socket at insertion, one batch delete at removal (closing a socket takes
+# it out of sock_map by itself). Each socket's slot in splice_state is memory shared with the kernel
+# (mmap), read and written without system calls. Invariant: a pair is either fully present (both slots
+# filled, both cookies in splice_slots, then both sockets in sock_map) or absent, except a socket that
+# went into sock_map alone (see add_pair); slots of one process are never used by another.
 from __future__ import annotations
 
+import collections
 import ctypes as ct
 import dataclasses
 import errno
+import mmap
 import socket
 import time
 from collections.abc import Callable
@@ -27,23 +32,10 @@ class SplicedPair:
     b_fd: int
     a_cookie: int
     b_cookie: int
-
-
-@dataclasses.dataclass(frozen=True)
-class PairStats:
-    """Final per-socket counters of a removed pair."""
-
-    a: dict[str, int]
-    b: dict[str, int]
-
-    @property
-    def bytes_a_to_b(self) -> int:
-        """Bytes a received while spliced, each counted once by the verdict (redirected or passed)."""
-        return self.a["rx_bytes"]
-
-    @property
-    def bytes_b_to_a(self) -> int:
-        return self.b["rx_bytes"]
+    a: maps.SpliceSlot  # live views into splice_state (shared memory): the verdict's counters move
+    b: maps.SpliceSlot
+    a_index: int
+    b_index: int
 
 
 def kick_verdict(sock: socket.socket) -> None:
@@ -64,24 +56,32 @@ def _splice_error(err: OSError, what: str) -> SpliceError:
 
 
 class SpliceTable:
-    """Typed access to sock_map, conn_map, conn_stats, conn_ctl and sk_cookie of one DataPlane."""
+    """Typed access to sock_map, splice_slots and splice_state of one DataPlane."""
 
-    def __init__(self, fds: dict[str, int], open_events: Callable[[int], int] | None = None,
+    def __init__(self, fds: dict[str, int], state: mmap.mmap,
+                 open_events: Callable[[int], int] | None = None,
                  read_events: Callable[[], list[maps.SpliceEvent]] | None = None) -> None:
         self._fds = fds
+        self._state = state
         self._open_events = open_events
         self._events_fd: int | None = None
         self._read_events = read_events or (lambda: [])
         self.worker = 0  # which process's ring the verdict wakes for pairs added here
+        self._free: collections.deque[int] = collections.deque()
+        self.use_worker(0, 1)
 
-    def use_worker(self, worker: int) -> None:
-        """Make pairs added from now on wake ring `worker` (a worker process calls this after the fork,
-        before it splices anything)."""
-        if not 0 <= worker < maps.SNIPROXY_MAX_WORKERS:
-            raise ValueError(f"worker {worker} outside 0..{maps.SNIPROXY_MAX_WORKERS - 1}")
+    def use_worker(self, worker: int, workers: int = 1) -> None:
+        """Pairs added from now on wake ring `worker` and take slots from that worker's share of
+        splice_state (1/workers of it), so processes never hand out the same slot. A worker process
+        calls this after the fork, before it splices anything."""
+        if not 0 <= worker < maps.SNIPROXY_MAX_WORKERS or not worker < workers <= maps.SNIPROXY_MAX_WORKERS:
+            raise ValueError(f"worker {worker} of {workers} outside 0..{maps.SNIPROXY_MAX_WORKERS - 1}")
         if self._events_fd is not None and worker != self.worker:
             raise RuntimeError("this process already consumes another worker's ring")
         self.worker = worker
+        # FIFO reuse: a slot freed last is reused last, so a verdict still running on another CPU
+        # for a just-removed socket never adds to the counters of the slot's next owner.
+        self._free = collections.deque(slot_range(worker, workers))
 
     @property
     def events_fd(self) -> int:
@@ -90,90 +90,82 @@ class SpliceTable:
             self._events_fd = self._open_events(self.worker) if self._open_events else -1
         return self._events_fd
 
+    def slot(self, index: int) -> maps.SpliceSlot:
+        return maps.SpliceSlot.from_buffer(self._state, index * ct.sizeof(maps.SpliceSlot))
+
     # -- pairs ---------------------------------------------------------------------------------
-    def add_pair(self, a: socket.socket, b: socket.socket, release_at: int = maps.SNIPROXY_HOLD_ALL) -> SplicedPair:
-        """Insert both sockets. By default both directions start held (conn_ctl.release_at = HOLD_ALL):
-        the verdict leaves every byte to userspace until release(); release_at=0 starts them released.
-        Then both are kicked (kick_verdict): bytes that arrived before insertion go through the
-        verdict now, not when more data happens to arrive. Raises SpliceError with every entry undone,
-        except `a` in sock_map when only `b` failed to go in: that entry goes when `a` is closed, and
-        `a` reads like any socket meanwhile. `a` is the one more likely to fail (a client that
-        half-closes right after its hello), so usually nothing at all is left."""
-        pair = SplicedPair(a.fileno(), b.fileno(), socket_cookie(a), socket_cookie(b))
+    def add_pair(self, a: socket.socket, b: socket.socket, a_toward: int, b_toward: int,
+                 release_at: int = 0) -> SplicedPair:
+        """Insert both sockets, each direction released at `release_at` (0: redirect from the first
+        byte the verdict sees; maps.SNIPROXY_HOLD_ALL: leave everything to userspace until released).
+        a_toward / b_toward: written_total() of b / a now (see splice_slot.toward_base). Then both are
+        kicked (kick_verdict). Raises SpliceError with every entry undone, except `a` in sock_map when
+        only `b` failed to go in: that entry goes when `a` is closed, and `a` reads like any socket
+        meanwhile (its slot is gone, so the verdict passes everything)."""
+        if len(self._free) < 2:
+            raise SpliceTableFull("splice_state: this worker's share of slots is in use", errno.ENOSPC)
+        a_cookie, b_cookie = socket_cookie(a), socket_cookie(b)
+        a_index, b_index = self._free.popleft(), self._free.popleft()
         now = time.monotonic_ns()  # CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns
-        undo: list[Callable[[], None]] = []
+        sa, sb = self.slot(a_index), self.slot(b_index)
+        for slot, cookie, peer, toward in ((sa, a_cookie, b_cookie, a_toward), (sb, b_cookie, a_cookie, b_toward)):
+            ct.memset(ct.addressof(slot), 0, ct.sizeof(slot))
+            slot.cookie, slot.peer, slot.release_at, slot.toward_base = cookie, peer, release_at, toward
+            slot.start_ns = slot.last_ns = now
+            slot.worker = self.worker
+        pair = SplicedPair(a.fileno(), b.fileno(), a_cookie, b_cookie, sa, sb, a_index, b_index)
         f = self._fds
         try:
-            for fd, cookie, peer in ((pair.a_fd, pair.a_cookie, pair.b_cookie),
-                                     (pair.b_fd, pair.b_cookie, pair.a_cookie)):
-                maps.update(f["sk_cookie"], ct.c_int(fd), maps.SockTag(cookie), what="sk_cookie")
-                undo.append(lambda fd=fd: maps.delete(f["sk_cookie"], ct.c_int(fd)))
-                stats = maps.ConnStats(peer=peer, start_ns=now, last_ns=now)
-                maps.update(f["conn_stats"], ct.c_uint64(cookie), stats, maps.BPF_NOEXIST, what="conn_stats")
-                undo.append(lambda c=cookie: maps.delete(f["conn_stats"], ct.c_uint64(c)))
-                maps.update(f["conn_ctl"], ct.c_uint64(cookie), maps.ConnCtl(release_at, 0, self.worker),
-                            what="conn_ctl")
-                undo.append(lambda c=cookie: maps.delete(f["conn_ctl"], ct.c_uint64(c)))
-                maps.update(f["conn_map"], ct.c_uint64(cookie), ct.c_uint64(peer), maps.BPF_NOEXIST,
-                            what="conn_map")
-                undo.append(lambda c=cookie: maps.delete(f["conn_map"], ct.c_uint64(c)))
-            for fd, cookie in ((pair.a_fd, pair.a_cookie), (pair.b_fd, pair.b_cookie)):
+            maps.update_batch(f["splice_slots"], (ct.c_uint64 * 2)(a_cookie, b_cookie),
+                              (ct.c_uint32 * 2)(a_index, b_index), what="splice_slots")
+        except maps.MapError as e:
+            self._free.extend((a_index, b_index))
+            raise _splice_error(e, "splice_slots") from e
+        try:
+            for fd, cookie in ((pair.a_fd, a_cookie), (pair.b_fd, b_cookie)):
                 # A socket once in sock_map stays there until it is closed, even when its peer can
                 # not follow: bytes the verdict passed while the peer was missing sit in the psock,
                 # and taking the socket out of the map would purge them (seen: 32 KiB of a backend's
-                # greeting lost). With no conn_stats the verdict passes everything, and reads through
-                # the psock return it in order.
+                # greeting lost). With no slot the verdict passes everything, and reads through the
+                # psock return it in order.
                 maps.update(f["sock_map"], ct.c_uint64(cookie), ct.c_uint32(fd), maps.BPF_NOEXIST,
                             what="sock_map")
         except maps.MapError as e:
-            for fn in reversed(undo):
-                try:
-                    fn()
-                except maps.MapError:
-                    pass
-            raise _splice_error(e, str(e).split(":")[0]) from e
+            self._release(pair)
+            raise _splice_error(e, "sock_map") from e
         kick_verdict(a)
         kick_verdict(b)
         return pair
 
-    def remove(self, pair: SplicedPair) -> PairStats:
-        """Take the pair out of every map (sock_map first) and return its final counters."""
-        f = self._fds
-        for cookie in (pair.a_cookie, pair.b_cookie):
-            maps.delete(f["sock_map"], ct.c_uint64(cookie))
-        a = self.stats(pair.a_cookie)
-        b = self.stats(pair.b_cookie)
-        for cookie in (pair.a_cookie, pair.b_cookie):
-            maps.delete(f["conn_map"], ct.c_uint64(cookie))
-            maps.delete(f["conn_ctl"], ct.c_uint64(cookie))
-            maps.delete(f["conn_stats"], ct.c_uint64(cookie))
-        for fd in (pair.a_fd, pair.b_fd):
-            try:
-                maps.delete(f["sk_cookie"], ct.c_int(fd))
-            except maps.MapError:
-                pass  # fd already closed: the storage went with the socket
-        return PairStats(a=(a or maps.ConnStats()).as_dict(), b=(b or maps.ConnStats()).as_dict())
+    def remove(self, pair: SplicedPair) -> None:
+        """Forget the pair (one batch delete); call it once both sockets are closed, so that sock_map
+        lost them already. The slots' counters stay readable until the slots are reused."""
+        self._release(pair)
 
-    # -- per-socket state -------------------------------------------------------------------------
-    def stats(self, cookie: int) -> maps.ConnStats | None:
-        value = maps.ConnStats()
-        return value if maps.lookup(self._fds["conn_stats"], ct.c_uint64(cookie), value) else None
+    def _release(self, pair: SplicedPair) -> None:
+        try:
+            maps.delete_batch(self._fds["splice_slots"], (ct.c_uint64 * 2)(pair.a_cookie, pair.b_cookie),
+                              what="splice_slots")
+        finally:
+            self._free.extend((pair.a_index, pair.b_index))
 
-    def queue_toward(self, cookie: int) -> int:
-        """Bytes the verdict redirected toward this socket that have not left through it yet, as the
-        verdict sees them (sk_msg's count less the peer's correction; errs high, never low)."""
-        st = self.stats(cookie)
-        if st is None:
-            return 0
-        ctl = maps.ConnCtl()
-        adj = ctl.queued_adj if maps.lookup(self._fds["conn_ctl"], ct.c_uint64(st.peer), ctl) else 0
-        return max(st.queued - adj, 0)
+    def forget_worker(self, worker: int, workers: int) -> int:
+        """After a worker process died: delete splice_slots entries pointing into its share of
+        splice_state (its sockets left sock_map when the kernel closed them). Returns how many."""
+        share = slot_range(worker, workers)
+        value = ct.c_uint32()
+        stale = [c for c in maps.keys_u64(self._fds["splice_slots"])
+                 if maps.lookup(self._fds["splice_slots"], ct.c_uint64(c), value) and value.value in share]
+        for cookie in stale:
+            maps.delete(self._fds["splice_slots"], ct.c_uint64(cookie))
+        return len(stale)
 
-    def release(self, cookie: int, release_at: int, queued_adj: int = 0) -> None:
-        """Let the verdict redirect again once conn_stats.pass_bytes == release_at (userspace has
-        forwarded exactly that many of the bytes the verdict left to it). queued_adj: see conn_ctl."""
-        maps.update(self._fds["conn_ctl"], ct.c_uint64(cookie), maps.ConnCtl(release_at, queued_adj, self.worker),
-                    maps.BPF_EXIST, what="conn_ctl")
+    def slot_of(self, cookie: int) -> maps.SpliceSlot | None:
+        """The slot of a spliced socket, by cookie (one map lookup: for inspection, not hot paths)."""
+        index = ct.c_uint32()
+        if not maps.lookup(self._fds["splice_slots"], ct.c_uint64(cookie), index):
+            return None
+        return self.slot(index.value)
 
     def read_events(self) -> list[maps.SpliceEvent]:
         """Hold notifications written by the verdict since the last call."""
@@ -185,5 +177,9 @@ class SpliceTable:
 
     def entries(self) -> dict[str, int]:
         """Number of keys in each per-connection map (0 everywhere when no connection is spliced)."""
-        return {name: len(maps.keys_u64(self._fds[name]))
-                for name in ("sock_map", "conn_map", "conn_stats", "conn_ctl")}
+        return {name: len(maps.keys_u64(self._fds[name])) for name in ("sock_map", "splice_slots")}
+
+
+def slot_range(worker: int, workers: int) -> range:
+    share = maps.SNIPROXY_MAX_SOCKETS // workers
+    return range(worker * share, (worker + 1) * share)

@@ -22,4 +22,4 @@ async def test_soak(start_proxy, ca, dns, relay_mode):
     assert report.problems == []
     assert report.completed > 100 and sum(report.scenarios.values()) == report.connections
     if relay_mode == "splice":
-        assert report.map_entries == {"sock_map": 0, "conn_map": 0, "conn_stats": 0}
+        assert report.map_entries == {"sock_map": 0, "splice_slots": 0}

@@ -76,7 +76,7 @@ async def test_start_reload_stop_cycles(container: Container, ca) -> None:
             assert await who("127.0.0.1", port, "app.test", ctx) == "backend=a alpn=None"
             objects = _kernel_objects(c.bpffs)
             assert {"splice_verdict", "redirect_msg"} <= set(objects["progs"]), objects
-            assert set(objects["maps"]) >= {"sock_map", "conn_map", "traffic_stats", "conn_stats"}
+            assert set(objects["maps"]) >= {"sock_map", "splice_slots", "splice_state", "traffic_stats"}
 
             await asyncio.to_thread(c.write, "/etc/sniproxy/config.toml", _config(port, b.port))
             # The reload job waits for the daemon's READY=1: the new route is in force on return.

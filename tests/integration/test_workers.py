@@ -193,3 +193,45 @@ async def test_max_connections_is_split_between_workers(start_proxy):
     finally:
         for writer in clients:
             writer.close()
+
+
+async def test_the_supervisor_drops_the_map_entries_of_a_killed_workers_spliced_pairs(start_proxy):
+    """Issue 15 #6: a worker SIGKILLed with spliced pairs leaves no splice_slots entry behind (the
+    kernel took its sockets out of sock_map when it closed them; the supervisor does the rest)."""
+    from tests.support.backends import real_client_hello
+    from tests.support.soak import map_entry_counts
+
+    held: list[asyncio.StreamWriter] = []
+    backend = await asyncio.start_server(lambda r, w: held.append(w), "127.0.0.1", 0)
+    pin_dir = f"/sys/fs/bpf/sniproxy-test-workers-{os.getpid()}"
+    port = free_port()
+    proxy = start_proxy(configs.listener(f"127.0.0.1:{port}")
+                        + configs.table("default", [("app.test", "127.0.0.1:%d" % backend.sockets[0].getsockname()[1])])
+                        + configs.common(splice=True, pin_dir=pin_dir, kernel_cache=False) + WORKERS)
+    clients = []
+    try:
+        pids = _started(proxy)
+        for _ in range(12):
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(real_client_hello("app.test"))
+            clients.append(writer)
+        deadline = time.monotonic() + 10
+        while map_entry_counts(pin_dir)["splice_slots"] < 24:
+            assert time.monotonic() < deadline, map_entry_counts(pin_dir)
+            await asyncio.sleep(0.05)
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        await proxy.until(lambda e: e.get("event") == "worker_restarted", timeout=15)
+        deadline = time.monotonic() + 10
+        while (counts := map_entry_counts(pin_dir)) != {"sock_map": 0, "splice_slots": 0}:
+            assert time.monotonic() < deadline, counts
+            await asyncio.sleep(0.05)
+        forgotten = [e for e in proxy.events() if e.get("event") == "worker_pairs_forgotten"]
+        assert sum(e["entries"] for e in forgotten) == 24
+    finally:
+        for w in clients + held:
+            w.close()
+        backend.close()
+        proxy.stop()
+        import shutil
+        shutil.rmtree(pin_dir, ignore_errors=True)

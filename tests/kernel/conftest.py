@@ -11,8 +11,7 @@ import uvloop
 
 from sniproxy.kernel.loader import DataPlane
 from sniproxy.kernel.probe import probe
-from sniproxy.relay import CopyRelay
-from sniproxy.splice_relay import SpliceRelay
+from sniproxy.relay import Relay
 
 
 def pytest_asyncio_loop_factories(config, item):  # noqa: ANN001 - pytest-asyncio hook
@@ -44,9 +43,11 @@ def dataplane(pin_dir: str) -> Iterator[DataPlane]:
 
 
 @pytest.fixture
-def relay(dataplane: DataPlane) -> Iterator[SpliceRelay]:
+def relay(dataplane: DataPlane) -> Iterator[Relay]:
+    """A relay that hands every connection to the kernel at once (splice_after = 0): these tests are
+    about the kernel path; test_handoff.py covers the hand-off at other points."""
     dataplane.set_queue_limit(0)
-    yield SpliceRelay(dataplane.splice_table, CopyRelay())
+    yield Relay(dataplane.splice_table, splice_after=0)
     dataplane.set_queue_limit(0)
     # Every test leaves the per-connection maps empty.
-    assert dataplane.splice_table.entries() == {"sock_map": 0, "conn_map": 0, "conn_stats": 0, "conn_ctl": 0}
+    assert dataplane.splice_table.entries() == {"sock_map": 0, "splice_slots": 0}

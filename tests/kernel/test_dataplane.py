@@ -34,19 +34,19 @@ def test_maps_are_pinned_and_traffic_stats_dump_shows_field_names(dataplane: Dat
     assert sorted(os.listdir(pin_dir)) == sorted(PINNED_MAPS)
     out = subprocess.run(["bpftool", "map", "dump", "pinned", f"{pin_dir}/traffic_stats"],
                          check=True, capture_output=True, text=True).stdout
-    for field in ("redir_bytes", "pass_bytes", "held_pkts", "fin_pkts", "msg_bytes"):
+    for field in ("redir_bytes", "pass_bytes", "held_pkts", "fin_pkts", "events_lost"):
         assert field in out, out[:500]
     shown = _bpftool("map", "show", "pinned", f"{pin_dir}/sock_map")
     assert shown["type"] == "sockhash" and shown["name"] == "sock_map"
 
 
 def test_ctypes_mirrors_match_btf(dataplane: DataPlane, pin_dir: str) -> None:
-    conn_stats = _bpftool("map", "show", "pinned", f"{pin_dir}/conn_stats")
-    btf_ids = {conn_stats["btf_id"]}
+    state = _bpftool("map", "show", "pinned", f"{pin_dir}/splice_state")
+    btf_ids = {state["btf_id"]}
     # splice_event appears only in the program's BTF (a ring buffer record, not a map value). Other
-    # processes on this machine may load splice.c too: take our program (it uses our conn_stats).
+    # processes on this machine may load splice.c too: take our program (it uses our splice_state).
     btf_ids |= {p["btf_id"] for p in _bpftool("prog", "show")
-                if p.get("name") == "splice_verdict" and "btf_id" in p and conn_stats["id"] in p.get("map_ids", [])}
+                if p.get("name") == "splice_verdict" and "btf_id" in p and state["id"] in p.get("map_ids", [])}
     structs = {}
     for btf_id in btf_ids:
         for t in _bpftool("btf", "dump", "id", str(btf_id))["types"]:
@@ -101,8 +101,8 @@ def test_socket_after_fin_is_refused_with_a_typed_error(dataplane: DataPlane) ->
     a.shutdown(socket.SHUT_WR)
     b.recv(1)  # b got the FIN: CLOSE_WAIT
     with pytest.raises(SpliceUnavailable):
-        dataplane.splice_table.add_pair(b, a)
-    assert dataplane.splice_table.entries() == {"sock_map": 0, "conn_map": 0, "conn_stats": 0, "conn_ctl": 0}
+        dataplane.splice_table.add_pair(b, a, 0, 0)
+    assert dataplane.splice_table.entries() == {"sock_map": 0, "splice_slots": 0}
     for s in (a, b, srv):
         s.close()
 
@@ -125,8 +125,8 @@ def test_socket_whose_peer_cannot_follow_keeps_every_byte(dataplane: DataPlane) 
     b.recv(1)  # CLOSE_WAIT: sock_map refuses it
     client.sendall(b"before-")
     with pytest.raises(SpliceUnavailable):
-        table.add_pair(a, b)
-    assert table.entries() == {"sock_map": 1, "conn_map": 0, "conn_stats": 0, "conn_ctl": 0}
+        table.add_pair(a, b, 0, 0)
+    assert table.entries() == {"sock_map": 1, "splice_slots": 0}
     client.sendall(b"after")
     client.shutdown(socket.SHUT_WR)
     a.settimeout(5)
@@ -148,19 +148,19 @@ def test_bytes_queued_before_insertion_are_redirected_without_more_data(dataplan
     b, backend = _connected()
     client.sendall(b"GET / HTTP/1.1\r\n\r\n")
     time.sleep(0.05)  # in a's receive queue before a is in sock_map
-    pair = table.add_pair(a, b, release_at=0)
+    pair = table.add_pair(a, b, 0, 0)
     try:
         backend.settimeout(5)
         assert backend.recv(100) == b"GET / HTTP/1.1\r\n\r\n"
-        assert table.stats(pair.a_cookie).redir_bytes == len(b"GET / HTTP/1.1\r\n\r\n")
+        assert pair.a.redir_bytes == len(b"GET / HTTP/1.1\r\n\r\n")  # the slot is shared memory
     finally:
-        table.remove(pair)
         for s in (client, a, b, backend):
             s.close()
+        table.remove(pair)
 
 
 def test_hold_event_wakes_only_the_worker_that_added_the_pair(dataplane: DataPlane) -> None:
-    """[server] workers: each worker process consumes its own ring (conn_ctl.worker picks it). A hold
+    """[server] workers: each worker process consumes its own ring (splice_slot.worker picks it). A hold
     on a pair worker 1 added must make ring 1 readable, in worker 1's process, and leave ring 0 alone.
     The child is forked like a worker: it opens its ring after the fork, on a SpliceTable of its own."""
     from sniproxy.kernel.splice import SpliceTable
@@ -173,17 +173,20 @@ def test_hold_event_wakes_only_the_worker_that_added_the_pair(dataplane: DataPla
     if pid == 0:  # the "worker"
         result = {}
         try:
-            table = SpliceTable(dataplane.fds, open_events=dataplane._open_events,
+            table = SpliceTable(dataplane.fds, dataplane._state, open_events=dataplane._open_events,
                                 read_events=dataplane._read_events)
-            table.use_worker(1)
+            table.use_worker(1, 2)
             ring = table.events_fd
-            pair = table.add_pair(a, b, release_at=0)
-            # Without its peer mapping the verdict holds this socket's bytes (SPLICE_HOLD_NO_PEER).
-            maps.delete(dataplane.fds["conn_map"], ct.c_uint64(pair.a_cookie))
+            pair = table.add_pair(a, b, 0, 0)
+            # With a peer that is not in sock_map the verdict holds this socket's bytes
+            # (SPLICE_HOLD_NO_PEER). The slot is memory shared with the kernel: no map call.
+            pair.a.peer = 1
             client.sendall(b"held")
             result["ring_readable"] = bool(select.select([ring], [], [], 5)[0])
             result["events"] = [[e.cookie, e.reason] for e in table.read_events()]
             result["cookie"] = pair.a_cookie
+            for s in (a, b):
+                s.close()
             table.remove(pair)
         except BaseException as e:  # reported to the parent, which fails the test
             result["error"] = repr(e)

@@ -17,6 +17,7 @@ import pytest
 
 from sniproxy.kernel.loader import DataPlane
 from sniproxy.kernel.splice import socket_cookie
+from sniproxy.relay.spliced import written_total
 from sniproxy.relay import Outcome
 
 from .harness import listener, payload
@@ -100,13 +101,21 @@ async def test_slow_reader_keeps_tcp_memory_bounded(relay, dataplane: DataPlane)
                     time.sleep(ahead)
         received.append((n, h.hexdigest()))
 
-    backend_cookie = socket_cookie(proxy_backend)
+    client_cookie = socket_cookie(proxy_client)
+
+    def psock_queue_toward_backend() -> int:
+        """Redirected toward the backend socket and not yet in its send stream: the client's slot
+        says what the verdict redirected and what the backend's stream held besides (toward_base)."""
+        slot = dataplane.splice_table.slot_of(client_cookie)
+        if slot is None:
+            return 0
+        return max(0, slot.toward_base + slot.redir_bytes - written_total(proxy_backend))
 
     def sample(stop: threading.Event) -> None:
         # sockstat does not see the psock's queue (redirected skbs are orphaned from the source
         # socket and not yet charged to the destination): add it.
         while not stop.is_set():
-            in_kernel = tcp_mem_bytes() - baseline + dataplane.splice_table.queue_toward(backend_cookie)
+            in_kernel = tcp_mem_bytes() - baseline + psock_queue_toward_backend()
             peak[0] = max(peak[0], in_kernel)
             time.sleep(0.02)
 

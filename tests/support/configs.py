@@ -28,9 +28,12 @@ def table(name: str, routes: list[tuple[str, ...]], fallback: str | None = None,
 
 
 def common(nameserver: str | None = None, splice: bool = False, pin_dir: str | None = None,
-           limits: dict[str, float] | None = None, kernel_cache: bool | None = None) -> str:
+           limits: dict[str, float] | None = None, kernel_cache: bool | None = None,
+           splice_after: int = 0) -> str:
     """kernel_cache defaults to `splice`, so a proxy that splices in its own pin_dir also caches names
-    there, and one that does not never touches the shared default pin dir."""
+    there, and one that does not never touches the shared default pin dir. A splicing proxy hands
+    every connection to the kernel at once (splice_after = 0) unless told otherwise: these tests are
+    about the kernel path; tests/kernel/test_handoff.py covers the threshold."""
     out = "[resolver]\n"
     out += f"nameservers = [{toml_str(nameserver)}]\n" if nameserver else "nameservers = []\n"
     kernel = splice if kernel_cache is None else kernel_cache
@@ -41,6 +44,8 @@ def common(nameserver: str | None = None, splice: bool = False, pin_dir: str | N
     merged.update(limits or {})
     out += "".join(f"{k} = {v}\n" for k, v in merged.items())
     out += f"\n[log]\nformat = \"json\"\n\n[ebpf]\nsplice = {'true' if splice else 'false'}\n"
+    if splice:
+        out += f"splice_after = {splice_after}\n"
     if pin_dir:
         out += f"pin_dir = {toml_str(pin_dir)}\n"
     return out

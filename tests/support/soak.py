@@ -36,7 +36,7 @@ def map_entry_counts(pin_dir: str) -> dict[str, int]:
     from sniproxy.kernel import dnsmap, maps
 
     counts = {}
-    for name in ("sock_map", "conn_map", "conn_stats"):
+    for name in ("sock_map", "splice_slots"):
         fd = dnsmap.obj_get(os.path.join(pin_dir, name))
         try:
             counts[name] = len(maps.keys_u64(fd))

@@ -336,6 +336,8 @@ ERROR_CASES = [
     pytest.param([MINIMAL, "[log]\naccess_log = 1"], "log.access_log", "true or false", id="int-not-bool"),
     pytest.param([MINIMAL, "[ebpf]\nsplice = 'yes'"], "ebpf.splice", "true or false", id="string-not-bool"),
     pytest.param([MINIMAL, "[ebpf]\npin_dir = 'sys/fs/bpf'"], "ebpf.pin_dir", "absolute", id="pin-dir-relative"),
+    pytest.param([MINIMAL, "[ebpf]\nsplice_after = -1"], "ebpf.splice_after", "between 0 and", id="splice-after-negative"),
+    pytest.param([MINIMAL, "[ebpf]\nsplice_after = '1M'"], "ebpf.splice_after", "integer", id="splice-after-string"),
     pytest.param([MINIMAL, "[server]\nworkers = 0"], "server.workers", "between 1 and 16", id="workers-zero"),
     pytest.param([MINIMAL, "[server]\nworkers = 17"], "server.workers", "between 1 and 16", id="workers-above-rings"),
     pytest.param([MINIMAL, "[server]\nworkers = 'all'"], "server.workers", '"auto"', id="workers-word"),

@@ -1,0 +1,134 @@
+# The relay layer: moves a routed connection's bytes until both sides are done. Every connection
+# starts in the userspace copy engine (relay.copy); with a splice table it is handed to the kernel
+# (relay.handoff, relay.spliced) once it has moved `splice_after` bytes either way, so a short
+# connection never costs a bpf() call. Invariant: Relay.relay() owns both sockets from the call on,
+# delivers `first` to the backend before anything else, and closes both before it returns.
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+
+from .copy import FINISHED, CopyPhase
+from .result import Outcome, RelayResult
+
+__all__ = ["Outcome", "Relay", "RelayResult"]
+
+# Default [ebpf] splice_after: at ~110 us of extra proxy CPU per handed-off pair, the kernel path
+# pays for itself from about 1 MB moved (docs/benchmarks.md).
+DEFAULT_SPLICE_AFTER = 1 << 20
+
+
+class Relay:
+    """One per process. Without a table: copy only (mode "copy"). With one (mode "splice"): copy,
+    then hand off at splice_after bytes (0: at once); a hand-off the kernel refuses keeps copying."""
+
+    def __init__(self, table: object | None = None, *, splice_after: int = DEFAULT_SPLICE_AFTER,
+                 sndbuf: int | None = None) -> None:
+        self.table = table
+        self.mode = "copy" if table is None else "splice"
+        self.splice_after = splice_after
+        self._buffer: bytearray | None = None
+        self._watcher = None
+        self._workers = (0, 1)
+        if table is not None:
+            from .handoff import DEFAULT_SNDBUF
+
+            self.sndbuf = DEFAULT_SNDBUF if sndbuf is None else sndbuf
+
+    def use_worker(self, index: int, workers: int = 1) -> None:
+        """Called once in a worker process ([server] workers), after the fork, before relaying: pairs
+        handed off here wake this worker's ring and use its share of the slots."""
+        if self.table is not None:
+            self.table.use_worker(index, workers)  # type: ignore[attr-defined]
+
+    def forget_worker(self, index: int, workers: int) -> None:
+        """In the supervisor, after worker `index` died: drop its pairs' map entries (the kernel
+        closed its sockets, which took them out of sock_map), and say how many."""
+        if self.table is not None:
+            count = self.table.forget_worker(index, workers)  # type: ignore[attr-defined]
+            if count:
+                import structlog
+
+                structlog.get_logger("sniproxy.relay").warning("worker_pairs_forgotten", worker=index,
+                                                               entries=count)
+
+    async def relay(self, client: socket.socket, backend: socket.socket, first: bytes,
+                    idle_timeout: float) -> RelayResult:
+        loop = asyncio.get_running_loop()
+        handoff_at = None if self.table is None else self.splice_after
+        copy = CopyPhase(loop, client, backend, idle_timeout, handoff_at)
+        fallback: str | None = None
+        try:
+            how = await copy.run(first)
+            while how != FINISHED:
+                # A quiet point: hand the pair to the kernel, or say why not and keep copying.
+                spliced = await self._hand_off(loop, copy)
+                if isinstance(spliced, str):
+                    fallback = spliced
+                    copy.handoff_at = None
+                    how = await copy.run()
+                    continue
+                return await self._run_spliced(loop, copy, spliced, idle_timeout)
+        except BaseException:
+            copy.close(abort=True)
+            raise
+        if self.table is not None and fallback is None:
+            fallback = f"moved under [ebpf] splice_after = {self.splice_after} bytes"
+        return RelayResult(mode="copy", bytes_up=copy.up.moved, bytes_down=copy.down.moved,
+                           outcome=copy.outcome or Outcome.CLOSED, fallback_reason=fallback)
+
+    async def _hand_off(self, loop: asyncio.AbstractEventLoop, copy: CopyPhase):  # noqa: ANN202
+        from .handoff import Refused, flush_waiting, insert
+
+        if self._buffer is None:
+            from .handoff import READ_BUFFER
+
+            self._buffer = bytearray(READ_BUFFER)
+        copy.detach()
+        try:
+            await flush_waiting(loop, (copy.up, copy.down), self._buffer)
+        except OSError as exc:
+            return f"flushing before the hand-off failed: {exc.strerror or exc}"
+        if copy.up.eof or copy.down.eof:
+            return "a side half-closed before the hand-off"
+        try:
+            return insert(self.table, copy.client, copy.backend, self.sndbuf)  # type: ignore[arg-type]
+        except Refused as exc:
+            return str(exc)
+
+    def _watcher_for(self, loop: asyncio.AbstractEventLoop):  # noqa: ANN202
+        from .spliced import Watcher
+
+        if self._watcher is None or self._watcher.loop is not loop:
+            self._watcher = Watcher(loop, self.table)  # type: ignore[arg-type]
+        return self._watcher
+
+    async def _run_spliced(self, loop: asyncio.AbstractEventLoop, copy: CopyPhase, inserted,  # noqa: ANN001
+                           idle_timeout: float) -> RelayResult:
+        from .spliced import SplicedConnection
+
+        assert self._buffer is not None
+        conn = SplicedConnection(loop, self.table, inserted.pair, copy.client, copy.backend,  # type: ignore[arg-type]
+                                 inserted.client_base, inserted.backend_base, self._buffer)
+        watcher = self._watcher_for(loop)
+        try:
+            await conn.run(watcher, idle_timeout)
+        finally:
+            copy.closed = True
+            copy.client.close()
+            copy.backend.close()
+            # The counters live in the slots until they are reused: read them before giving them back.
+            up_kernel, down_kernel = inserted.pair.a.redir_bytes, inserted.pair.b.redir_bytes
+            with contextlib.suppress(OSError):
+                self.table.remove(inserted.pair)  # type: ignore[attr-defined]
+            if watcher.empty and self._watcher is watcher:
+                watcher.close()
+                self._watcher = None
+        return RelayResult(
+            mode="splice",
+            bytes_up=copy.up.moved + conn.up.forwarded + up_kernel,
+            bytes_down=copy.down.moved + conn.down.forwarded + down_kernel,
+            outcome=conn.outcome or Outcome.CLOSED,
+            kernel_bytes=up_kernel + down_kernel,
+        )

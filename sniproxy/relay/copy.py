@@ -1,0 +1,246 @@
+# The userspace copy engine: both directions of a connection driven by event-loop callbacks on the
+# raw non-blocking sockets (no transport, no task), with bounded buffers and half-close. It ends when
+# both directions are finished, or when the hand-off asked for has a quiet point: nothing read from
+# either socket is still unwritten and neither socket is being read. Invariant: bytes leave in the
+# order they arrived; at most one chunk per direction is held here (reading a source stops while its
+# chunk waits for the destination), so memory per connection is bounded.
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+
+from .result import Outcome
+
+CHUNK = 256 * 1024
+
+HANDOFF = "handoff"
+FINISHED = "finished"
+
+
+class Flow:
+    """Bytes from src to dst. `name` is the source side ("client" or "backend")."""
+
+    __slots__ = ("name", "src", "dst", "src_fd", "dst_fd", "pending", "moved", "eof", "shut",
+                 "reading", "writing")
+
+    def __init__(self, name: str, src: socket.socket, dst: socket.socket) -> None:
+        self.name = name
+        self.src, self.dst = src, dst
+        self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
+        self.pending: memoryview | None = None  # read from src, not yet written to dst
+        self.moved = 0  # bytes read from src (and the ClientHello for the client's flow)
+        self.eof = False  # src sent its FIN
+        self.shut = False  # dst was shut down for writing
+        self.reading = False
+        self.writing = False
+
+
+def other(name: str) -> str:
+    return "backend" if name == "client" else "client"
+
+
+class CopyPhase:
+    """Copies until the end, or until a hand-off point (see module header). run() returns FINISHED
+    (both sockets closed) or HANDOFF (both open, idle, every byte read so far written)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, client: socket.socket, backend: socket.socket,
+                 idle_timeout: float, handoff_at: int | None) -> None:
+        self.loop = loop
+        self.client, self.backend = client, backend
+        self.up = Flow("client", client, backend)
+        self.down = Flow("backend", backend, client)
+        self.idle_timeout = idle_timeout
+        self.handoff_at = handoff_at  # None: never
+        self.handoff_wanted = False
+        self.outcome: Outcome | None = None
+        self.closed = False
+        self.last_activity = time.monotonic()
+        self._done: asyncio.Future[str] | None = None
+        self._idle: asyncio.TimerHandle | None = None
+        self._reset_side: str | None = None
+
+    # -- running -----------------------------------------------------------------------------------
+    async def run(self, first: bytes = b"") -> str:
+        """Start (or resume after a refused hand-off) copying. `first` goes to the backend before
+        anything read from the client."""
+        self._done = self.loop.create_future()
+        self.handoff_wanted = False
+        if first:
+            self.up.moved += len(first)
+            self.up.pending = memoryview(first)
+            self._write(self.up)
+        for flow in (self.up, self.down):
+            if flow.pending is None and not flow.eof and not self.closed:
+                self._start_reading(flow)
+            elif flow.eof and flow.pending is None and not flow.shut:
+                self._shut(flow)
+        self._check_end()
+        if self.handoff_at is not None and (self.handoff_at == 0 or max(self.up.moved, self.down.moved) >= self.handoff_at):
+            self._want_handoff()
+        self._watch_idle()
+        try:
+            return await self._done
+        except asyncio.CancelledError:
+            self.outcome = self.outcome or Outcome.SHUTDOWN
+            self.close(abort=True)
+            raise
+        finally:
+            if self._idle is not None:
+                self._idle.cancel()
+                self._idle = None
+
+    def _finish(self, how: str) -> None:
+        if self._done is not None and not self._done.done():
+            self._done.set_result(how)
+
+    # -- callbacks ---------------------------------------------------------------------------------
+    def _on_readable(self, flow: Flow) -> None:
+        try:
+            data = flow.src.recv(CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._reset(flow.name)
+            return
+        self.last_activity = time.monotonic()
+        if not data:
+            flow.eof = True
+            self._stop_reading(flow)
+            if flow.pending is None:
+                self._shut(flow)
+            self._check_end()
+            if self.handoff_wanted:
+                self._cancel_handoff()
+            return
+        flow.moved += len(data)
+        flow.pending = memoryview(data)
+        self._write(flow)
+        if self.handoff_at is not None and flow.moved >= self.handoff_at and not self.handoff_wanted:
+            self._want_handoff()
+
+    def _write(self, flow: Flow) -> None:
+        """Write flow.pending now; what does not fit waits for writability with src not read."""
+        assert flow.pending is not None
+        try:
+            n = flow.dst.send(flow.pending)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError:
+            self._reset(other(flow.name))
+            return
+        if n == len(flow.pending):
+            flow.pending = None
+            if flow.writing:
+                flow.writing = False
+                self.loop.remove_writer(flow.dst_fd)
+            self._after_written(flow)
+            return
+        flow.pending = flow.pending[n:]
+        self._stop_reading(flow)
+        if not flow.writing:
+            flow.writing = True
+            self.loop.add_writer(flow.dst_fd, self._on_writable, flow)
+
+    def _on_writable(self, flow: Flow) -> None:
+        if flow.pending is not None:
+            self.last_activity = time.monotonic()
+            self._write(flow)
+
+    def _after_written(self, flow: Flow) -> None:
+        if self._reset_side is not None:
+            self._close_after_reset()
+        elif flow.eof:
+            self._shut(flow)
+            self._check_end()
+        elif self.handoff_wanted:
+            self._maybe_quiet()
+        else:
+            self._start_reading(flow)
+
+    # -- reading switches ---------------------------------------------------------------------------
+    def _start_reading(self, flow: Flow) -> None:
+        if not flow.reading and not self.closed:
+            flow.reading = True
+            self.loop.add_reader(flow.src_fd, self._on_readable, flow)
+
+    def _stop_reading(self, flow: Flow) -> None:
+        if flow.reading:
+            flow.reading = False
+            self.loop.remove_reader(flow.src_fd)
+
+    def _shut(self, flow: Flow) -> None:
+        flow.shut = True
+        with contextlib.suppress(OSError):
+            flow.dst.shutdown(socket.SHUT_WR)
+
+    # -- hand-off ----------------------------------------------------------------------------------
+    def _want_handoff(self) -> None:
+        if self.up.eof or self.down.eof or self.closed:
+            return  # a socket that got its FIN cannot enter sock_map: stay here
+        self.handoff_wanted = True
+        self._stop_reading(self.up)
+        self._stop_reading(self.down)
+        self._maybe_quiet()
+
+    def _maybe_quiet(self) -> None:
+        if self.up.pending is None and self.down.pending is None:
+            self._finish(HANDOFF)
+
+    def _cancel_handoff(self) -> None:
+        self.handoff_wanted = False
+        self.handoff_at = None
+        for flow in (self.up, self.down):
+            if flow.pending is None and not flow.eof:
+                self._start_reading(flow)
+
+    # -- ending --------------------------------------------------------------------------------------
+    def _check_end(self) -> None:
+        if self.up.shut and self.down.shut:
+            self.outcome = self.outcome or Outcome.CLOSED
+            self.close()
+
+    def _reset(self, side: str) -> None:
+        """side's socket failed. What it sent before is still delivered: the flow from it is flushed,
+        then the other socket is closed (bounded by the idle timeout)."""
+        if self.outcome is None:
+            self.outcome = Outcome.CLIENT_RESET if side == "client" else Outcome.BACKEND_RESET
+        self._reset_side = side
+        for flow in (self.up, self.down):
+            self._stop_reading(flow)
+        self._close_after_reset()
+
+    def _close_after_reset(self) -> None:
+        from_failed = self.up if self._reset_side == "client" else self.down
+        if from_failed.pending is None or from_failed.dst_fd == -1:
+            self.close()
+
+    def _watch_idle(self) -> None:
+        remaining = self.last_activity + self.idle_timeout - time.monotonic()
+        if remaining > 0:
+            self._idle = self.loop.call_later(remaining, self._watch_idle)
+            return
+        self._idle = None
+        self.outcome = self.outcome or Outcome.IDLE_TIMEOUT
+        self.close(abort=True)
+
+    def detach(self) -> None:
+        """Stop every callback on both sockets (they stay open): the kernel takes them over."""
+        for flow in (self.up, self.down):
+            self._stop_reading(flow)
+            if flow.writing:
+                flow.writing = False
+                self.loop.remove_writer(flow.dst_fd)
+
+    def close(self, abort: bool = False) -> None:
+        if self.closed:
+            return
+        self.detach()
+        self.closed = True
+        for sock in (self.client, self.backend):
+            if abort:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            sock.close()
+        self._finish(FINISHED)
