@@ -83,8 +83,8 @@ def _config(port: int, backend_port: int) -> str:
 
 def _leftovers(c: Container) -> list[str]:
     """Every file of the package's kind still on the container's disk."""
-    out = c.run("bash", "-c", "find /etc /usr /lib /var/lib /run -xdev \\( -name '*sniproxy*' -o -path "
-                              "'/etc/sniproxy*' \\) 2>/dev/null; true").stdout
+    # /lib is /usr/lib here (merged /usr); deb-systemd-helper's state files are named after the unit.
+    out = c.run("bash", "-c", "find /etc /usr /var/lib /run -xdev -name '*sniproxy*' 2>/dev/null; true").stdout
     return sorted(out.split())
 
 
@@ -153,7 +153,9 @@ async def test_install_serve_reload_stop_purge(box: Container, deb: Path, ca) ->
     assert (c.bpffs / "sniproxy" / "dns_cache").exists()
     assert c.systemctl("is-enabled", "sniproxy", check=False).stdout.strip() == "enabled"
 
-    # -- purge: nothing of it is left
+    # -- purge: nothing of it is left (the same probes first see what is there)
+    assert {"/usr/bin/sniproxy", "/etc/sniproxy", "/usr/lib/sniproxy"} <= set(_leftovers(c))
+    assert c.run("getent", "passwd", "sniproxy", check=False).returncode == 0
     await asyncio.to_thread(_apt, c, f"apt-get purge -y {PACKAGE}")
     assert _status(c, PACKAGE) == ""
     assert c.run("getent", "passwd", "sniproxy", check=False).returncode == 2

@@ -117,8 +117,11 @@ class Container:
 
 
 def low_free_port() -> int:
-    """A free port below 1024 on loopback: the unit must bind it with CAP_NET_BIND_SERVICE only."""
-    for port in range(700, 1000):
+    """A free port below 1024 on loopback: the unit must bind it with CAP_NET_BIND_SERVICE only. The
+    search starts at a place drawn from the pid: containers of concurrent runs share the host's
+    loopback, and two runs both taking the first free port (700) made one's next start fail."""
+    first = os.getpid() % 300
+    for port in (700 + (first + i) % 300 for i in range(300)):
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
