@@ -3,7 +3,7 @@ PY := .venv/bin/python
 CONFIG ?= config.toml
 PYTEST_ARGS ?=
 
-.PHONY: setup run test check bench fuzz install deb clean
+.PHONY: setup run test check bench fuzz install deb clean dashboard-png
 
 setup:
 	@bash scripts/setup.sh
@@ -24,6 +24,13 @@ bench:
 	@bash scripts/setup.sh --bench
 	$(PY) bench/run_all.py $(BENCH_ARGS)
 
+# docs/dashboard.png: the dashboard's main graphs from a real run (a 2-worker splice+XDP proxy under
+# traffic, scraped by a real Prometheus), drawn with matplotlib from Prometheus's query API. As root.
+DASHBOARD_SECONDS ?= 150
+dashboard-png:
+	@bash scripts/setup.sh --docs
+	$(PY) scripts/dashboard_png.py --seconds $(DASHBOARD_SECONDS) --out docs/dashboard.png
+
 # A few minutes of mixed traffic and faults in copy and splice mode (60 s each inside `make test`).
 SOAK_SECONDS ?= 120
 soak: setup
@@ -36,7 +43,8 @@ fuzz: setup
 	$(PY) fuzz/fuzz_client_hello.py -max_total_time=$(FUZZ_SECONDS) -timeout=5 -artifact_prefix=.fuzz/ .fuzz/corpus
 
 # As root: a venv in /opt/sniproxy, /etc/sniproxy/config.toml (never overwritten), the systemd unit.
-# PREFIX=, CONFDIR=, UNITDIR= relocate them (docs/operations.md).
+# PREFIX=, CONFDIR=, UNITDIR= relocate them; UNIT_NAME= names the unit (default sniproxy; needed
+# beside Debian's C sniproxy package, which owns that name: see docs/operations.md).
 install: setup
 	bash scripts/install.sh
 

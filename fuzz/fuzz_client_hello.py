@@ -1,5 +1,5 @@
-"""Coverage-guided fuzzing (atheris/libFuzzer) of the two readers that see untrusted bytes first: the
-ClientHello reader and the PROXY header reader.
+"""Coverage-guided fuzzing (atheris/libFuzzer) of the readers that see untrusted bytes first: the
+ClientHello reader, the PROXY header reader and the HTTP request head reader.
 
     .venv/bin/python fuzz/fuzz_client_hello.py -max_total_time=600 fuzz/corpus   # `make fuzz`
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import atheris
 
 with atheris.instrument_imports():
-    from sniproxy import proxy_protocol, tls
+    from sniproxy import http_head, proxy_protocol, tls
 
 MAX_SIZE = 4096
 
@@ -49,6 +49,13 @@ def test_one_input(data: bytes) -> None:
     split = _outcome(proxy_protocol.ProxyHeaderReader, proxy_protocol.ProxyHeaderError, chunks)
     if whole[0] != "result" and split[0] != "result":
         assert whole == split, (whole, split)
+    whole = _outcome(lambda: http_head.RequestHeadReader(MAX_SIZE), http_head.RequestHeadError, [body])
+    split = _outcome(lambda: http_head.RequestHeadReader(MAX_SIZE), http_head.RequestHeadError, chunks)
+    if isinstance(whole[-1], http_head.RequestHead):
+        assert whole[-1].size <= MAX_SIZE, whole
+    # Past MAX_SIZE a malformed head may be refused as TOO_LARGE before its end arrives in pieces.
+    if len(body) <= MAX_SIZE:
+        assert whole == split, (whole, split)
 
 
 def write_seed_corpus(directory: Path) -> None:
@@ -64,6 +71,8 @@ def write_seed_corpus(directory: Path) -> None:
         "split": hello_builder.build_client_hello(sni="s.test", record_split=3),
         "proxy1": proxy_protocol.encode_v1(("192.0.2.1", 1), ("192.0.2.2", 443)),
         "proxy2": proxy_protocol.encode_v2(("2001:db8::1", 1), ("2001:db8::2", 443)),
+        "http": b"GET /x HTTP/1.1\r\nHost: a.test:80\r\nUser-Agent: t\r\n\r\nbody",
+        "http10": b"POST http://b.test/ HTTP/1.0\r\nContent-Length: 1\r\n\r\nz",
     }
     for name, payload in seeds.items():
         (directory / name).write_bytes(b"\x05" + payload)

@@ -2,8 +2,13 @@
 # Installs sniproxy as a system service (as root; `make install` runs it after scripts/setup.sh):
 #   $PREFIX (default /opt/sniproxy)   its own venv, from Debian's python3 with system site-packages (bcc)
 #   $CONFDIR/config.toml              the shipped config.toml, only when no config exists there yet
-#   $UNITDIR/sniproxy.service         the unit, with $PREFIX and $CONFDIR substituted
+#   $UNITDIR/$UNIT_NAME.service       the unit (default sniproxy.service), $PREFIX and $CONFDIR substituted
+#   the `sniproxy` system user         the proxy's processes run as it ([server] user, the unit's User=)
 # Idempotent: a second run upgrades the package in place and never touches an existing config.
+# Debian's own `sniproxy` package (the C sniproxy) owns the unit name sniproxy.service and the init
+# script /etc/init.d/sniproxy: while any of it is on the machine this script installs nothing under
+# that name (it would shadow theirs, and `systemctl enable sniproxy` would enable their init script
+# too); it says so and exits 1. UNIT_NAME=sniproxy-ebpf installs ours beside theirs instead.
 set -euo pipefail
 
 top=$(cd "$(dirname "$0")/.." && pwd)
@@ -11,10 +16,46 @@ PREFIX=${PREFIX:-/opt/sniproxy}
 CONFDIR=${CONFDIR:-/etc/sniproxy}
 UNITDIR=${UNITDIR:-/etc/systemd/system}
 PYTHON=${PYTHON:-/usr/bin/python3}
+UNIT_NAME=${UNIT_NAME:-sniproxy}
 
 log() { printf 'install: %s\n' "$*" >&2; }
 
 [ "$(id -u)" = 0 ] || { log "run this as root"; exit 1; }
+case "$UNIT_NAME" in
+  ''|*/*|*.service) log "UNIT_NAME must be a bare unit name such as sniproxy-ebpf (got '$UNIT_NAME')"; exit 2 ;;
+esac
+
+# What of Debian's C sniproxy is on this machine: the package (installed, or removed with its
+# conffiles left, init script included) and the files that claim the name.
+debian_sniproxy() {
+  local status
+  status=$(dpkg-query -W -f='${Status} ${Version}' sniproxy 2>/dev/null || true)
+  case "$status" in
+    *" installed "*|*" config-files "*) printf "Debian package sniproxy %s (%s)\n" "${status##* }" "${status% *}" ;;
+  esac
+  local f
+  for f in /etc/init.d/sniproxy /lib/systemd/system/sniproxy.service /usr/lib/systemd/system/sniproxy.service; do
+    [ -e "$f" ] && printf '%s\n' "$f"
+  done
+  return 0
+}
+if [ "$UNIT_NAME" = sniproxy ]; then
+  found=$(debian_sniproxy)
+  if [ -n "$found" ]; then
+    log "Debian's sniproxy (the C proxy) is on this machine and owns the name sniproxy.service:"
+    printf '  %s\n' $found | sed 's/^/install: /' >&2
+    log "installing ours as sniproxy.service would shadow its unit, and 'systemctl enable sniproxy' would"
+    log "also enable its init script. Nothing was installed. Either remove it (apt-get purge sniproxy)"
+    log "or install ours under another name: make install UNIT_NAME=sniproxy-ebpf"
+    exit 1
+  fi
+fi
+
+# The proxy's processes run as this user (the unit's User=, [server] user); same as scripts/setup.sh.
+if ! getent passwd sniproxy >/dev/null; then
+  adduser --system --group --no-create-home --home /nonexistent --shell /usr/sbin/nologin --quiet sniproxy
+  log "created system user sniproxy"
+fi
 
 # A venv made by another interpreter (or a half-made one) is rebuilt rather than patched.
 if ! "$PREFIX/bin/python" -c 'import sys; sys.exit(0 if sys.base_prefix == "/usr" else 1)' 2>/dev/null; then
@@ -50,16 +91,17 @@ fi
 "$PREFIX/bin/sniproxy" check -c "$CONFDIR/config.toml" >&2 || log "warning: fix $CONFDIR/config.toml before starting"
 
 install -d -m 0755 "$UNITDIR"
+unit="$UNITDIR/$UNIT_NAME.service"
 sed -e "s|/opt/sniproxy|$PREFIX|g" -e "s|/etc/sniproxy|$CONFDIR|g" "$top/systemd/sniproxy.service" \
-  > "$UNITDIR/sniproxy.service.tmp"
-chmod 0644 "$UNITDIR/sniproxy.service.tmp"
-mv -f "$UNITDIR/sniproxy.service.tmp" "$UNITDIR/sniproxy.service"
-log "installed $UNITDIR/sniproxy.service"
+  > "$unit.tmp"
+chmod 0644 "$unit.tmp"
+mv -f "$unit.tmp" "$unit"
+log "installed $unit"
 
 # Only when systemd is the running init (not in a chroot, container build or non-systemd host).
 if [ -d /run/systemd/system ]; then
   systemctl daemon-reload
-  log "start it with: systemctl enable --now sniproxy"
+  log "start it with: systemctl enable --now $UNIT_NAME"
 else
   log "systemd is not running here; the unit is installed for its next boot"
 fi

@@ -10,23 +10,28 @@ apt_packages=(python3 python3-venv python3-dev python3-bpfcc bpftool linux-heade
               procps openssl curl gcc make systemd-container
               # `make deb` (dpkg-buildpackage) and its test's fresh Debian root (mmdebstrap).
               dpkg-dev debhelper dh-python python3-all python3-pip mmdebstrap)
+# The metrics tests scrape the proxy with a real Prometheus server (and promtool), started from a
+# temp config on loopback; the packaged service is disabled (disable_packaged_prometheus) and its
+# recommended node exporter is not installed.
+quiet_packages=(prometheus)
 # `setup.sh --bench` (only `make bench`) also installs the peers the benchmark compares against; their
 # packaged services are never started (see install_packages) and the bench runs them from temp configs.
 bench_packages=(nginx libnginx-mod-stream haproxy sniproxy)
 # bench/xdp_drop.py: the same allow-list as nftables rules, and trafgen (netsniff-ng) for the SYN flood.
 bench_packages+=(nftables netsniff-ng)
-bench=0
+bench=0 docs=0
 case "${1:-}" in
   --bench) bench=1; apt_packages+=("${bench_packages[@]}") ;;
+  --docs) docs=1 ;;
   "") ;;
-  *) printf 'usage: %s [--bench]\n' "$0" >&2; exit 2 ;;
+  *) printf 'usage: %s [--bench | --docs]\n' "$0" >&2; exit 2 ;;
 esac
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 
 missing_packages() {
   local p
-  for p in "${apt_packages[@]}"; do
+  for p in "${apt_packages[@]}" "${quiet_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || printf '%s\n' "$p"
   done
 }
@@ -35,6 +40,11 @@ install_packages() {
   local missing
   missing=$(missing_packages)
   [ -z "$missing" ] && return 0
+  local quiet=() rest=() p q
+  for p in $missing; do
+    for q in "${quiet_packages[@]}"; do [ "$p" = "$q" ] && { quiet+=("$p"); continue 2; }; done
+    rest+=("$p")
+  done
   if [ "$(id -u)" != 0 ]; then
     log "missing Debian packages ($(echo $missing)); run this as root once"; exit 1
   fi
@@ -47,10 +57,25 @@ install_packages() {
     trap 'rm -f /usr/sbin/policy-rc.d' EXIT
     printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod 755 "$policy" && own_policy=1
   fi
-  # shellcheck disable=SC2086
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q $missing >/dev/null || rc=$?
+  if [ "${#rest[@]}" -gt 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${rest[@]}" >/dev/null || rc=$?
+  fi
+  if [ "$rc" = 0 ] && [ "${#quiet[@]}" -gt 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${quiet[@]}" >/dev/null || rc=$?
+  fi
   if [ "$own_policy" = 1 ]; then rm -f "$policy"; trap - EXIT; fi
   [ "$rc" = 0 ] || { log "apt-get install failed ($rc)"; exit "$rc"; }
+}
+
+# Tests run their own Prometheus on a free loopback port; the packaged one must not come up at boot
+# (and listen on :9090). Disabling is a no-op once done, and without systemd there is nothing to do.
+disable_packaged_prometheus() {
+  [ -e /lib/systemd/system/prometheus.service ] || return 0
+  command -v systemctl >/dev/null || return 0
+  systemctl is-enabled --quiet prometheus.service 2>/dev/null || return 0
+  [ "$(id -u)" = 0 ] || { log "prometheus.service is enabled; run this as root once to disable it"; return 0; }
+  systemctl disable --now prometheus.service >/dev/null 2>&1 || systemctl disable prometheus.service >/dev/null 2>&1 || true
+  log "disabled the packaged prometheus.service (tests start their own)"
 }
 
 # After installing the peers nothing of theirs may listen (the system configs bind 80/443).
@@ -60,6 +85,34 @@ check_no_peer_listening() {
   [ -z "$found" ] && return 0
   log "a packaged peer daemon is listening; stop it before benchmarking:"; printf '%s\n' "$found" >&2
   exit 1
+}
+
+# The proxy's processes run as this user once set up ([server] user, docs/operations.md): a system
+# user and group, no home, no login shell. Same in scripts/install.sh.
+ensure_system_user() {
+  getent passwd sniproxy >/dev/null && return 0
+  [ "$(id -u)" = 0 ] || { log "no 'sniproxy' user; run this as root once to create it"; return 0; }
+  adduser --system --group --no-create-home --home /nonexistent --shell /usr/sbin/nologin \
+    --quiet sniproxy
+  log "created system user sniproxy"
+}
+
+# tests/integration/test_systemd_nspawn.py installs Debian's C sniproxy inside a container (never on
+# this machine) to check that `make install` does not clash with it: its .deb and the libraries it
+# needs, downloaded once (not installed) into .cache/.
+debian_sniproxy_debs=(sniproxy libev4 libudns0 libpcre3 lsb-base)
+fetch_test_debs() {
+  local dir="$top/.cache/debian-sniproxy" p missing=()
+  for p in "${debian_sniproxy_debs[@]}"; do
+    compgen -G "$dir/${p}_*.deb" >/dev/null || missing+=("$p")
+  done
+  [ ${#missing[@]} = 0 ] && return 0
+  [ "$(id -u)" = 0 ] || { log "cannot download test packages without root"; return 0; }
+  mkdir -p "$dir"
+  log "downloading (not installing) for the tests: ${missing[*]}"
+  (cd "$dir" && { apt-get download -q -o APT::Sandbox::User=root "${missing[@]}" >/dev/null 2>&1 \
+     || { apt-get update -q >/dev/null && apt-get download -q -o APT::Sandbox::User=root "${missing[@]}" >/dev/null; }; }) \
+    || { log "downloading ${missing[*]} failed"; exit 1; }
 }
 
 # BCC compiles against /lib/modules/$(uname -r)/{build,source}. No Debian package matches this VM's
@@ -101,9 +154,25 @@ bench_venv() {
   echo "$want" > "$stamp"
 }
 
+# The docs extra (matplotlib for docs/dashboard.png) only for `make dashboard-png`.
+docs_venv() {
+  local stamp="$venv/.docs-stamp" want
+  want=$(cat "$top/pyproject.toml" | sha256sum | cut -d' ' -f1)
+  [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && return 0
+  log "installing the docs extra into $venv"
+  "$venv/bin/python" -m pip install -q -e "$top[test,docs]"
+  echo "$want" > "$stamp"
+}
+
 install_packages
+disable_packaged_prometheus
 link_kernel_headers
+ensure_system_user
+fetch_test_debs
 make_venv
+if [ "$docs" = 1 ]; then
+  docs_venv
+fi
 if [ "$bench" = 1 ]; then
   bench_venv
   check_no_peer_listening

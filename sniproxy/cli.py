@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
+import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -18,6 +20,8 @@ if TYPE_CHECKING:
 
     from sniproxy.dataplane import XdpGate
     from sniproxy.dnscache import DnsCache
+    from sniproxy.listeners import WorkerSockets
+    from sniproxy.privileges import Account
     from sniproxy.relay import Relay
 
 DEFAULT_CONFIG = "config.toml"
@@ -79,13 +83,19 @@ def _run(path: str, log_format: str | None) -> int:
         print(f"sniproxy: invalid config: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     logconf.configure(log_format or config.log.format, config.log.level)
+    from sniproxy.privileges import PrivilegeError, lookup_user
     from sniproxy.workers import worker_count
 
+    try:
+        user = lookup_user(config.server.user)  # before any set-up: a missing user is a config error
+    except PrivilegeError as exc:
+        print(f"sniproxy: invalid config: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     workers = worker_count(config.server.workers)
-    return _run_one(config) if workers == 1 else _run_workers(config, workers)
+    return _run_one(config, user) if workers == 1 else _run_workers(config, workers, user)
 
 
-def _run_one(config: Config) -> int:
+def _run_one(config: Config, user: Account) -> int:
     import uvloop
 
     from sniproxy.dataplane import DataPlaneError, open_dns_cache, open_relay, open_xdp
@@ -99,27 +109,31 @@ def _run_one(config: Config) -> int:
             # finish a handshake into the accept queue in between.
             ports = [listener.bind.port for listener in config.listeners]
             with open_xdp(config.xdp, config.ebpf.pin_dir, ports) as xdp, \
-                    open_dns_cache(config.ebpf, config.resolver) as dns_cache:
+                    open_dns_cache(config.ebpf, config.resolver) as dns_cache, \
+                    _metrics(config, relay, xdp, dns_cache, 1):
                 resolver = Resolver(config.resolver, dns_cache)
                 server = Server(config, relay=relay, xdp=xdp, resolver=resolver,
                                 notifier=Notifier.from_environ())
                 server.bind()
-                _drop_privileges()
+                _drop_privileges(config, user)
                 await server.serve()
+
+    from sniproxy.privileges import PrivilegeError
 
     try:
         uvloop.run(main())
-    except (OSError, DataPlaneError) as exc:  # e.g. the address is taken: one line, not a traceback
+    except (OSError, DataPlaneError, PrivilegeError) as exc:  # e.g. the address is taken: one line, not a traceback
         structlog.get_logger("sniproxy").error("start_failed", error=str(exc))
         return 1
     return 0
 
 
-def _run_workers(config: Config, workers: int) -> int:
+def _run_workers(config: Config, workers: int, user: Account) -> int:
     """The supervisor: BPF objects, XDP, the DNS cache map and every worker's listening sockets are
     set up here once, privileges dropped, then the workers are forked (they inherit all of it)."""
     from sniproxy.dataplane import DataPlaneError, open_dns_cache, open_relay, open_xdp
-    from sniproxy.server import bind_worker_listeners
+    from sniproxy.listeners import WorkerSockets
+    from sniproxy.privileges import PrivilegeError
     from sniproxy.systemd import Notifier
     from sniproxy.workers import Supervisor
 
@@ -127,33 +141,66 @@ def _run_workers(config: Config, workers: int) -> int:
         with open_relay(config.ebpf) as relay:
             ports = [listener.bind.port for listener in config.listeners]
             with open_xdp(config.xdp, config.ebpf.pin_dir, ports) as xdp, \
-                    open_dns_cache(config.ebpf, config.resolver) as dns_cache:
-                sockets = bind_worker_listeners(config.listeners, workers)
+                    open_dns_cache(config.ebpf, config.resolver) as dns_cache, \
+                    _metrics(config, relay, xdp, dns_cache, workers):
+                sockets = WorkerSockets(config.listeners, workers)
+                # What a worker started from now on serves: the last file whose listeners were bound.
+                current = [config]
+                gated = frozenset(ports) if xdp is not None else None
                 try:
-                    _drop_privileges()
+                    _drop_privileges(config, user)
 
-                    def serve(index: int, channel: int) -> int:
+                    def serve(index: int, channel: int, inbox: int) -> int:
                         # Worker 0 alone applies xdp.allow on reload: one writer for the shared list.
-                        return _serve_worker(config, relay, xdp if index == 0 else None, dns_cache,
-                                             sockets[index], index, workers, channel)
+                        return _serve_worker(current[0], relay, xdp if index == 0 else None, dns_cache,
+                                             [sock for _, sock in sockets.for_worker(index)], index,
+                                             workers, channel, inbox)
+
+                    def reconfigure() -> None:
+                        new = _supervisor_reload(config.source, sockets, gated)
+                        if new is not None:
+                            current[0] = new
 
                     return Supervisor(workers, sockets, serve, Notifier.from_environ(),
-                                      config.limits.shutdown_grace,
+                                      config.limits.shutdown_grace, reconfigure,
                                       on_worker_exit=lambda index: relay.forget_worker(index, workers)).run()
                 finally:
-                    for socks in sockets:
-                        for sock in socks:
-                            sock.close()
-    except (OSError, DataPlaneError) as exc:
+                    sockets.close()
+    except (OSError, DataPlaneError, PrivilegeError) as exc:
         structlog.get_logger("sniproxy").error("start_failed", error=str(exc))
         return 1
 
 
+def _supervisor_reload(source: str, sockets: WorkerSockets,
+                       gated: frozenset[int] | None) -> Config | None:
+    """The supervisor's part of SIGHUP: bind the new file's new listeners for every worker and close
+    the removed ones' sockets. The new Config, or None (logged) when the file or a bind failed: the
+    workers then refuse their reload too, for want of the sockets."""
+    from sniproxy.listeners import ListenerError, listener_name, ungated
+
+    log = structlog.get_logger("sniproxy.workers")
+    try:
+        config = load_config(source)
+        running = {listener_name(lst) for lst in sockets.listeners}
+        why = ungated([lst for lst in config.listeners if listener_name(lst) not in running], gated)
+        if why is not None:
+            raise ListenerError(why)
+        added, removed = sockets.update(config.listeners)
+    except (ConfigError, ListenerError) as exc:
+        log.error("reload_failed", error=str(exc), kept="previous listeners")
+        return None
+    if added or removed:
+        log.info("listeners_rebound", added=added, removed=removed)
+    return config
+
+
 def _serve_worker(config: Config, relay: Relay, xdp: XdpGate | None, dns_cache: DnsCache,
-                  sockets: list[socket.socket], index: int, workers: int, channel: int) -> int:
+                  sockets: list[socket.socket], index: int, workers: int, channel: int,
+                  inbox: int) -> int:
     """One worker's life, in the forked child: its own event loop, resolver and connections."""
     import uvloop
 
+    from sniproxy.listeners import WorkerInbox
     from sniproxy.resolver import Resolver
     from sniproxy.server import Server
     from sniproxy.workers import ChannelNotifier
@@ -163,7 +210,7 @@ def _serve_worker(config: Config, relay: Relay, xdp: XdpGate | None, dns_cache: 
     async def main() -> None:
         resolver = Resolver(config.resolver, dns_cache)
         server = Server(config, relay=relay, xdp=xdp, resolver=resolver, notifier=ChannelNotifier(channel),
-                        workers=workers)
+                        workers=workers, listener_source=WorkerInbox(inbox))
         server.adopt(list(sockets))
         await server.serve()
 
@@ -171,21 +218,47 @@ def _serve_worker(config: Config, relay: Relay, xdp: XdpGate | None, dns_cache: 
     return 0
 
 
-def _drop_privileges() -> None:
-    """Listeners are bound and BPF objects loaded and pinned: no capability is needed any more.
-    Map updates go through file descriptors already open, XDP is held by a bpf_link whose fd this
-    process owns, and unpinning is an unlink in a root-owned directory (this process stays uid 0)."""
-    from sniproxy.privileges import drop_capabilities
+def _metrics(config: Config, relay: Relay, xdp: XdpGate | None, dns_cache: DnsCache,
+             workers: int) -> contextlib.AbstractContextManager[object]:
+    """The /metrics endpoint ([metrics] bind) for the block, in this process: the one holding the
+    kernel objects, and the workers' supervisor."""
+    from sniproxy import metrics
+
+    sources = metrics.KernelSources(
+        relay_mode=relay.mode,
+        splice_pin_dir=config.ebpf.pin_dir if relay.mode == "splice" else None,
+        dns_pin_dir=config.ebpf.pin_dir if dns_cache.kind == "kernel" else None,
+        xdp=xdp)
+    return metrics.serving(config.metrics.bind, workers, sources)
+
+
+def _drop_privileges(config: Config, user: Account) -> None:
+    """Listeners are bound and BPF objects loaded and pinned: no capability is needed any more, nor
+    uid 0. Map updates go through file descriptors already open, XDP is held by a bpf_link whose fd
+    this process owns, and unpinning at stop is an unlink in pin_dir, which the user then owns, through
+    a descriptor opened before the drop (kernel.loader.PinDir). Raises PrivilegeError: keeping what
+    was meant to be dropped is a failed start, never a warning."""
+    from sniproxy.privileges import drop_privileges
 
     log = structlog.get_logger("sniproxy")
+    if os.geteuid() != 0 and os.geteuid() != user.uid:
+        log.warning("user_unchanged", user=config.server.user, uid=os.geteuid(),
+                    reason="not started as root: the proxy keeps running as the user that started it")
+    # The metrics' multiprocess files are written by the workers, which run as `user` too.
+    owned = [config.ebpf.pin_dir, *filter(None, [os.environ.get("PROMETHEUS_MULTIPROC_DIR")])]
+    done = drop_privileges(user, owned=owned)
+    log.info("capabilities_dropped", before=f"{done.capabilities.before:#x}",
+             after=f"{done.capabilities.after:#x}", kept=list(done.capabilities.kept),
+             user=pwd_name(done.uid), uid=done.uid, gid=done.gid, no_new_privs=done.no_new_privs)
+
+
+def pwd_name(uid: int) -> str:
+    import pwd
+
     try:
-        dropped = drop_capabilities(frozenset())
-    except OSError as exc:
-        log.warning("capabilities_kept", reason=str(exc))
-        return
-    if dropped.before:
-        log.info("capabilities_dropped", before=f"{dropped.before:#x}", after=f"{dropped.after:#x}",
-                 kept=list(dropped.kept))
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def _pin_dir(args: argparse.Namespace) -> str | None:

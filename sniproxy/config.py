@@ -18,7 +18,9 @@ from typing import Any
 
 __all__ = [
     "Address",
+    "BackendAddress",
     "BackendKind",
+    "BackendsConfig",
     "BackendSpec",
     "Config",
     "ConfigError",
@@ -32,11 +34,13 @@ __all__ = [
     "ResolverConfig",
     "RouteConfig",
     "TableConfig",
+    "UnixAddress",
     "is_hostname",
     "load_config",
     "normalize_hostname",
     "parse_address",
     "parse_backend",
+    "parse_backend_address",
     "parse_config",
     "parse_match",
 ]
@@ -70,6 +74,19 @@ class Address:
 
 
 @dataclass(frozen=True)
+class UnixAddress:
+    """A unix stream socket a backend listens on (`backend = "unix:/run/app.sock"`)."""
+
+    path: str  # absolute filesystem path
+
+    def __str__(self) -> str:
+        return f"unix:{self.path}"
+
+
+BackendAddress = Address | UnixAddress
+
+
+@dataclass(frozen=True)
 class ListenerConfig:
     bind: Address
     protocol: str
@@ -81,15 +98,19 @@ class ListenerConfig:
 @dataclass(frozen=True)
 class RouteConfig:
     match: str
-    backend: str
+    # One backend as written, or a tuple of them (`backend = ["a:443", "b:443"]`): the proxy picks
+    # one per connection (sniproxy.balancer). Lists hold only static and unix backends.
+    backend: str | tuple[str, ...]
     proxy_protocol: str | None = None  # "v1" | "v2": send a PROXY header to the backend first
+    alpn: tuple[str, ...] = ()  # the client must offer one of these ALPN protocols; empty: any
 
 
 @dataclass(frozen=True)
 class TableConfig:
     name: str
     routes: tuple[RouteConfig, ...] = ()
-    fallback: Address | None = None
+    # One backend, or a tuple of them (chosen per connection like a route's list).
+    fallback: BackendAddress | tuple[BackendAddress, ...] | None = None
     # Networks a dynamic route (backend built from the client's SNI) may connect to even though they
     # are private, loopback, link-local, multicast or unspecified. Empty: none (no open proxy).
     allow_private_backends: tuple[str, ...] = ()
@@ -117,6 +138,9 @@ class LimitsConfig:
     max_connections_per_ip: int = 0  # 0: no per-address limit
     max_client_hello_size: int = 16384
     shutdown_grace: float = 30.0
+    # protocol = "http" listeners: the request head (request line and headers) instead of the hello
+    http_head_timeout: float = 5.0
+    max_http_head_size: int = 16384
 
 
 @dataclass(frozen=True)
@@ -131,6 +155,18 @@ class ServerConfig:
     # Processes serving the listeners (SO_REUSEPORT, one listening socket each): an int, or "auto"
     # for one per CPU this process may run on. 1 runs everything in one process, no fork.
     workers: int | str = 1
+    # Every process of the proxy runs as this user once listeners are bound and BPF objects loaded
+    # (when started as root); "root" keeps uid 0 (with no capabilities either way).
+    user: str = "sniproxy"
+
+
+@dataclass(frozen=True)
+class BackendsConfig:
+    """How a route with several backends treats them (sniproxy.balancer, sniproxy.health)."""
+
+    hold_down: float = 10.0  # seconds a backend whose connect failed gets no new connections
+    health_check_interval: float = 0.0  # seconds between TCP/unix connect checks; 0: no checks
+    health_check_timeout: float = 2.0  # seconds one check may take to connect
 
 
 @dataclass(frozen=True)
@@ -151,6 +187,11 @@ class XdpConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    bind: Address | None = None  # where /metrics is served; None: no endpoint, no metrics kept
+
+
+@dataclass(frozen=True)
 class Config:
     listeners: tuple[ListenerConfig, ...]
     tables: Mapping[str, TableConfig]  # read-only (MappingProxyType), in file order
@@ -158,17 +199,21 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    backends: BackendsConfig = field(default_factory=BackendsConfig)
     ebpf: EbpfConfig = field(default_factory=EbpfConfig)
     xdp: XdpConfig = field(default_factory=XdpConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: str = "<string>"
 
 
-PROTOCOLS = ("tls",)
+PROTOCOLS = ("tls", "http")
 RESOLVER_MODES = ("ipv4_first", "ipv6_first", "ipv4_only", "ipv6_only")
 LOG_FORMATS = ("json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MIN_CLIENT_HELLO_SIZE = 512
 MAX_CLIENT_HELLO_SIZE = 1 << 24  # a handshake message length is 24 bits
+MIN_HTTP_HEAD_SIZE = 512
+MAX_HTTP_HEAD_SIZE = 1 << 20  # nginx's large_client_header_buffers tops out far below this
 
 # --------------------------------------------------------------------------------------------------
 # Hostnames and addresses
@@ -288,6 +333,7 @@ class BackendKind(enum.Enum):
     STATIC = "static"  # "host:port" / "[v6]:port"
     SNI = "sni"  # "*:port": connect to the client's SNI name
     TEMPLATE = "template"  # "$1.internal.test:port": regex captures substituted
+    UNIX = "unix"  # "unix:/run/app.sock": a unix stream socket
 
 
 @dataclass(frozen=True)
@@ -296,6 +342,14 @@ class BackendSpec:
     port: int
     host: str = ""  # STATIC only
     template: tuple[str | int, ...] = ()  # TEMPLATE only: literal text and capture group numbers
+    path: str = ""  # UNIX only (port is 0)
+
+    def address(self) -> BackendAddress:
+        """The fixed address of a STATIC or UNIX backend."""
+        if self.kind is BackendKind.UNIX:
+            return UnixAddress(self.path)
+        assert self.kind is BackendKind.STATIC
+        return Address(self.host, self.port)
 
 
 def parse_match(text: str) -> MatchSpec:
@@ -361,6 +415,29 @@ def _parse_template(host: str, match: MatchSpec) -> tuple[str | int, ...]:
     return tuple(parts)
 
 
+UNIX_PREFIX = "unix:"
+_SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 for the terminating NUL
+
+
+def _parse_unix(text: str) -> str:
+    path = text[len(UNIX_PREFIX):]
+    if not path.startswith("/"):
+        raise ValueError(f"a unix socket path must be absolute, like 'unix:/run/app.sock', got {text!r}")
+    if "\x00" in path:
+        raise ValueError(f"a unix socket path may not contain NUL, got {text!r}")
+    if len(os.fsencode(path)) > _SUN_PATH_MAX:
+        raise ValueError(f"unix socket path is {len(os.fsencode(path))} bytes; the kernel takes at "
+                         f"most {_SUN_PATH_MAX}")
+    return path
+
+
+def parse_backend_address(text: str) -> BackendAddress:
+    """Parse a fixed backend: "host:port", "[v6]:port" or "unix:/path". Raises ValueError."""
+    if isinstance(text, str) and text.startswith(UNIX_PREFIX):
+        return UnixAddress(_parse_unix(text))
+    return parse_address(text)
+
+
 def parse_backend(text: str, match: MatchSpec) -> BackendSpec:
     """Parse a route `backend` string for a route whose match is `match`. Raises ValueError.
 
@@ -369,6 +446,8 @@ def parse_backend(text: str, match: MatchSpec) -> BackendSpec:
     """
     if not isinstance(text, str):
         raise ValueError(f"expected a string, got {type(text).__name__}")
+    if text.startswith(UNIX_PREFIX):
+        return BackendSpec(BackendKind.UNIX, 0, path=_parse_unix(text))
     if text.startswith("*"):
         host, sep, port = text.partition(":")
         if host != "*" or not sep:
@@ -492,10 +571,12 @@ def _address(value: object, key_path: str, *, default_port: int | None = None) -
         raise ConfigError(key_path, str(e)) from None
 
 
-_TOP_KEYS = ("listener", "table", "resolver", "limits", "log", "server", "ebpf", "xdp")
+_TOP_KEYS = ("listener", "table", "resolver", "limits", "log", "server", "backends", "ebpf", "xdp", "metrics")
 _LISTENER_KEYS = ("bind", "protocol", "table", "accept_proxy_protocol", "trusted")
 _TABLE_KEYS = ("routes", "fallback", "allow_private_backends")
-_ROUTE_KEYS = ("match", "backend", "proxy_protocol")
+_ROUTE_KEYS = ("match", "backend", "alpn", "proxy_protocol")
+_BACKENDS_KEYS = ("hold_down", "health_check_interval", "health_check_timeout")
+_ALPN_MAX = 255  # a protocol name's length is one byte (RFC 7301)
 PROXY_PROTOCOL_VERSIONS = ("v1", "v2")
 _RESOLVER_KEYS = (
     "nameservers", "timeout", "tries", "min_ttl", "max_ttl", "negative_ttl", "cache_size", "mode",
@@ -503,24 +584,85 @@ _RESOLVER_KEYS = (
 )  # fmt: skip
 _LIMITS_KEYS = (
     "client_hello_timeout", "connect_timeout", "idle_timeout", "max_connections",
-    "max_connections_per_ip", "max_client_hello_size", "shutdown_grace",
+    "max_connections_per_ip", "max_client_hello_size", "shutdown_grace", "http_head_timeout",
+    "max_http_head_size",
 )  # fmt: skip
 _LOG_KEYS = ("format", "level", "access_log")
-_SERVER_KEYS = ("workers",)
+_SERVER_KEYS = ("workers", "user")
 # One splice_events ring per worker in ebpf/splice.c (SNIPROXY_MAX_WORKERS): kept in step by a test.
 MAX_WORKERS = 16
 _EBPF_KEYS = ("splice", "pin_dir", "splice_after")
 _XDP_KEYS = ("enabled", "interfaces", "mode", "allow")
+_METRICS_KEYS = ("bind",)
 XDP_MODES = ("auto", "native", "generic")
 XDP_MAX_ALLOW = 16384  # ebpf/xdp_filter.h XDP_MAX_ALLOW
 _IFNAME_RE = re.compile(r"[^\s/:]{1,15}", re.ASCII)  # Linux IFNAMSIZ - 1, no '/', ':' or spaces
+
+
+def _alpn(section: _Section) -> tuple[str, ...]:
+    """`alpn`: one protocol name or a non-empty list of them, as a client sends them (RFC 7301)."""
+    value = section.get("alpn", ())
+    key = section.key("alpn")
+    if isinstance(value, str):
+        items, paths = [value], [key]
+    elif isinstance(value, list):
+        if not value:
+            raise ConfigError(key, "empty list: a route with no acceptable protocol would match no "
+                              "client; leave alpn out to match any")
+        items, paths = value, [f"{key}[{i}]" for i in range(len(value))]
+    else:
+        raise ConfigError(key, f"expected a string or an array of strings, got {_type_name(value)}")
+    names: list[str] = []
+    for item, item_path in zip(items, paths, strict=True):
+        if not isinstance(item, str):
+            raise ConfigError(item_path, f"expected a string, got {_type_name(item)}")
+        if not 1 <= len(item) <= _ALPN_MAX or not all("\x21" <= c <= "\x7e" for c in item):
+            raise ConfigError(item_path, f"an ALPN protocol name is 1..{_ALPN_MAX} visible ASCII "
+                              f"characters (like 'h2', 'http/1.1', 'acme-tls/1'), got {item!r}")
+        if item in names:
+            raise ConfigError(item_path, f"duplicate of {paths[names.index(item)]}")
+        names.append(item)
+    return tuple(names)
+
+
+def _backends(section: _Section, key: str, match: MatchSpec) -> str | tuple[str, ...]:
+    """`backend`: one backend string, or a non-empty list of fixed ones (host:port, unix:/path)."""
+    value = section.get(key)
+    path = section.key(key)
+    if isinstance(value, str):
+        try:
+            parse_backend(value, match)
+        except ValueError as e:
+            raise ConfigError(path, str(e)) from None
+        return value
+    if not isinstance(value, list):
+        raise ConfigError(path, f"expected a string or an array of strings, got {_type_name(value)}")
+    if not value:
+        raise ConfigError(path, "empty list: name at least one backend")
+    seen: dict[BackendAddress, int] = {}
+    for i, item in enumerate(value):
+        item_path = f"{path}[{i}]"
+        if not isinstance(item, str):
+            raise ConfigError(item_path, f"expected a string, got {_type_name(item)}")
+        try:
+            spec = parse_backend(item, match)
+        except ValueError as e:
+            raise ConfigError(item_path, str(e)) from None
+        if spec.kind not in (BackendKind.STATIC, BackendKind.UNIX):
+            raise ConfigError(item_path, "a list holds only fixed backends ('host:port', "
+                              f"'unix:/path'); {item!r} takes its host from the client")
+        address = spec.address()
+        if address in seen:
+            raise ConfigError(item_path, f"duplicate of {path}[{seen[address]}] ({address})")
+        seen[address] = i
+    return tuple(value)
 
 
 def _route(data: object, path: str) -> tuple[RouteConfig, MatchSpec]:
     section = _Section(data, path)
     section.check_keys(_ROUTE_KEYS)
     match_text = section.string("match")
-    backend_text = section.string("backend")
+    section.get("backend")  # "required key is missing" comes before any other complaint
     proxy_protocol = None
     if "proxy_protocol" in section.data:
         proxy_protocol = section.string("proxy_protocol", choices=PROXY_PROTOCOL_VERSIONS)
@@ -528,11 +670,38 @@ def _route(data: object, path: str) -> tuple[RouteConfig, MatchSpec]:
         match = parse_match(match_text)
     except ValueError as e:
         raise ConfigError(section.key("match"), str(e)) from None
+    backend = _backends(section, "backend", match)
+    alpn = _alpn(section) if "alpn" in section.data else ()
+    return RouteConfig(match_text, backend, proxy_protocol, alpn), match
+
+
+def _shadowed_by(earlier: tuple[str, ...], later: tuple[str, ...]) -> bool:
+    """Does a route with ALPN set `earlier` (empty: any) take every client a later route with the
+    same match and ALPN set `later` would get?"""
+    return not earlier or (bool(later) and set(later) <= set(earlier))
+
+
+def _fallback(value: object, path: str) -> BackendAddress | tuple[BackendAddress, ...]:
+    if isinstance(value, list):
+        if not value:
+            raise ConfigError(path, "empty list: name at least one backend, or leave fallback out")
+        out: list[BackendAddress] = []
+        for i, item in enumerate(value):
+            address = _backend_address(item, f"{path}[{i}]")
+            if address in out:
+                raise ConfigError(f"{path}[{i}]", f"duplicate of {path}[{out.index(address)}] ({address})")
+            out.append(address)
+        return tuple(out)
+    return _backend_address(value, path)
+
+
+def _backend_address(value: object, key_path: str) -> BackendAddress:
+    if not isinstance(value, str):
+        raise ConfigError(key_path, f"expected a string address, got {_type_name(value)}")
     try:
-        parse_backend(backend_text, match)
+        return parse_backend_address(value)
     except ValueError as e:
-        raise ConfigError(section.key("backend"), str(e)) from None
-    return RouteConfig(match_text, backend_text, proxy_protocol), match
+        raise ConfigError(key_path, str(e)) from None
 
 
 def _table(name: str, data: object, path: str) -> TableConfig:
@@ -541,7 +710,9 @@ def _table(name: str, data: object, path: str) -> TableConfig:
     section = _Section(data, path)
     section.check_keys(_TABLE_KEYS)
     routes: list[RouteConfig] = []
-    seen: dict[tuple[MatchKind, str], int] = {}
+    # Earlier routes per match: (index, alpn). A later one with the same match is unreachable when an
+    # earlier one accepts every client it would (no alpn, or a superset of its protocols).
+    seen: dict[tuple[MatchKind, str], list[tuple[int, tuple[str, ...]]]] = {}
     catch_all: int | None = None
     for i, item in enumerate(section.array("routes", [])):
         route_path = f"{section.key('routes')}[{i}]"
@@ -552,15 +723,20 @@ def _table(name: str, data: object, path: str) -> TableConfig:
                 f"unreachable: routes[{catch_all}] is '*' and matches every name first",
             )
         key = (match.kind, match.value)
-        if key in seen:
-            raise ConfigError(f"{route_path}.match", f"duplicate of routes[{seen[key]}]")
-        seen[key] = i
-        if match.kind is MatchKind.CATCH_ALL:
+        for j, alpn in seen.get(key, []):
+            if set(alpn) == set(route.alpn):
+                raise ConfigError(f"{route_path}.match", f"duplicate of routes[{j}]")
+            if _shadowed_by(alpn, route.alpn):
+                why = "any ALPN" if not alpn else f"ALPN {list(alpn)}"
+                raise ConfigError(f"{route_path}.match", f"unreachable: routes[{j}] has the same match "
+                                  f"and accepts {why} first")
+        seen.setdefault(key, []).append((i, route.alpn))
+        if match.kind is MatchKind.CATCH_ALL and not route.alpn:
             catch_all = i
         routes.append(route)
     fallback = None
     if "fallback" in section.data:
-        fallback = _address(section.data["fallback"], section.key("fallback"))
+        fallback = _fallback(section.data["fallback"], section.key("fallback"))
     private: tuple[str, ...] = ()
     value = section.get("allow_private_backends", False)
     if value is True:
@@ -649,6 +825,10 @@ def _limits(data: object) -> LimitsConfig:
             "max_client_hello_size", 16384, MIN_CLIENT_HELLO_SIZE, MAX_CLIENT_HELLO_SIZE
         ),
         shutdown_grace=s.number("shutdown_grace", 30.0, positive=False),
+        http_head_timeout=s.number("http_head_timeout", 5.0, positive=True),
+        max_http_head_size=s.integer(
+            "max_http_head_size", 16384, MIN_HTTP_HEAD_SIZE, MAX_HTTP_HEAD_SIZE
+        ),
     )
 
 
@@ -665,12 +845,28 @@ def _log(data: object) -> LogConfig:
 def _server(data: object) -> ServerConfig:
     s = _Section(data, "server")
     s.check_keys(_SERVER_KEYS)
+    user = s.string("user", "sniproxy")
+    # A name for getpwnam(): whether it exists is checked where the proxy runs (`sniproxy run`).
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}", user):
+        raise ConfigError("server.user", f"expected a user name, got {user!r}")
     workers = s.get("workers", 1)
     if workers == "auto":
-        return ServerConfig(workers="auto")
+        return ServerConfig(workers="auto", user=user)
     if isinstance(workers, str):
         raise ConfigError("server.workers", f'expected an integer or "auto", got {workers!r}')
-    return ServerConfig(workers=s.integer("workers", 1, minimum=1, maximum=MAX_WORKERS))
+    return ServerConfig(workers=s.integer("workers", 1, minimum=1, maximum=MAX_WORKERS), user=user)
+
+
+def _backends_section(data: object) -> BackendsConfig:
+    s = _Section(data, "backends")
+    s.check_keys(_BACKENDS_KEYS)
+    interval = s.number("health_check_interval", 0.0, positive=False)
+    timeout = s.number("health_check_timeout", 2.0, positive=True)
+    if interval and timeout > interval:
+        raise ConfigError("backends.health_check_timeout", f"must be <= health_check_interval "
+                          f"({interval:g}), got {timeout:g}: checks would overlap")
+    return BackendsConfig(hold_down=s.number("hold_down", 10.0, positive=False),
+                          health_check_interval=interval, health_check_timeout=timeout)
 
 
 def _ebpf(data: object) -> EbpfConfig:
@@ -724,6 +920,19 @@ def _xdp(data: object) -> XdpConfig:
                      mode=s.string("mode", "auto", choices=XDP_MODES), allow=tuple(allow))
 
 
+def _metrics(data: object, binds: Mapping[Address, int]) -> MetricsConfig:
+    s = _Section(data, "metrics")
+    s.check_keys(_METRICS_KEYS)
+    if "bind" not in s.data:
+        return MetricsConfig()
+    bind = _address(s.string("bind"), "metrics.bind")
+    if _ip_literal(bind.host) is None:
+        raise ConfigError("metrics.bind", f"must be an IP address, got host {bind.host!r}")
+    if bind in binds:
+        raise ConfigError("metrics.bind", f"{bind} is already bound by listener[{binds[bind]}]")
+    return MetricsConfig(bind=bind)
+
+
 def _build(doc: dict[str, Any], source: str) -> Config:
     top = _Section(doc, "")
     top.check_keys(_TOP_KEYS)
@@ -757,8 +966,10 @@ def _build(doc: dict[str, Any], source: str) -> Config:
         limits=_limits(top.get("limits", {})),
         log=_log(top.get("log", {})),
         server=_server(top.get("server", {})),
+        backends=_backends_section(top.get("backends", {})),
         ebpf=_ebpf(top.get("ebpf", {})),
         xdp=_xdp(top.get("xdp", {})),
+        metrics=_metrics(top.get("metrics", {}), binds),
         source=source,
     )
 

@@ -106,6 +106,9 @@ class MemoryDnsCache:
             return count
         return int(self._entries.pop(name, None) is not None)
 
+    def __len__(self) -> int:
+        return len(self._entries)
+
     def close(self) -> None:
         self._entries.clear()
 

@@ -12,6 +12,7 @@ import aiodns.error
 import pycares
 import structlog
 
+from sniproxy import metrics
 from sniproxy.config import ResolverConfig
 from sniproxy.dnscache import (
     MAX_ADDRESSES,
@@ -141,7 +142,9 @@ class Resolver:
         name = host.lower().rstrip(".")
         cached = self._cache.get(name)
         if cached is not None and cached.answers(self._config.mode):
+            metrics.dns_lookup(True)
             return self._addresses(name, cached, cached=True)
+        metrics.dns_lookup(False)
         # Single-flight: concurrent lookups of one name share one query, owned by the resolver so a
         # cancelled caller does not cancel it for the others.
         task = self._inflight.get(name)

@@ -1,17 +1,23 @@
-# Owns route selection: a TableConfig compiled into a RouteTable that maps an SNI name to a Route.
-# Invariant: pure and total: route() never raises, the first matching rule in config order wins,
-# and a dynamic Route's host is always a valid hostname (never an IP literal taken from the client).
+# Owns route selection: a TableConfig compiled into a RouteTable that maps an SNI name (and the
+# client's ALPN protocols) to a Route. Invariant: pure and total: route() never raises, the first rule
+# in config order whose name and ALPN both match wins, and a dynamic Route's host is always a valid
+# hostname (never an IP literal taken from the client). Which of a Route's backends serves a
+# connection is sniproxy.balancer's business, not this module's.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sniproxy.config import (
+    Address,
+    BackendAddress,
     BackendKind,
     BackendSpec,
     MatchKind,
     MatchSpec,
     TableConfig,
+    UnixAddress,
     is_hostname,
     normalize_hostname,
     parse_backend,
@@ -25,11 +31,23 @@ FALLBACK_RULE = "fallback"
 
 @dataclass(frozen=True)
 class Route:
-    host: str  # backend host (IP literal or hostname), SNI/captures substituted, lower-cased
-    port: int
+    host: str  # first backend's host (IP literal or hostname), SNI/captures substituted; "" for unix
+    port: int  # first backend's port; 0 for unix
     rule: str  # the `match` string that selected it, or "fallback"
     dynamic: bool  # host came from the client's SNI ("*:port" or "$N" captures)
     proxy_protocol: str | None = None  # "v1" | "v2": PROXY header to send the backend first
+    # Every backend, in config order (one unless the config listed several); (host:port) when omitted.
+    backends: tuple[BackendAddress, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.backends:
+            object.__setattr__(self, "backends", (Address(self.host, self.port),))
+
+
+def _fixed_route(addresses: tuple[BackendAddress, ...], rule: str, proxy_protocol: str | None) -> Route:
+    first = addresses[0]
+    host, port = (first.host, first.port) if isinstance(first, Address) else ("", 0)
+    return Route(host, port, rule, False, proxy_protocol, addresses)
 
 
 @dataclass(frozen=True)
@@ -37,14 +55,19 @@ class _Rule:
     index: int  # position in the table: lower wins
     pattern: str  # the raw `match` string, reported as Route.rule
     match: MatchSpec
-    backend: BackendSpec
+    backend: BackendSpec  # the first (for a list, every one is STATIC or UNIX)
     proxy_protocol: str | None = None
+    alpn: frozenset[str] = frozenset()  # empty: any client
+    fixed: Route | None = None  # the Route of a rule whose backends never depend on the name
+
+    def accepts(self, alpn: Sequence[str]) -> bool:
+        return not self.alpn or any(p in self.alpn for p in alpn)
 
     def target(self, name: str, captures: tuple[str | None, ...] = ()) -> Route | None:
         """The Route for `name` (already matched), or None when a capture yields no valid host."""
+        if self.fixed is not None:
+            return self.fixed
         backend = self.backend
-        if backend.kind is BackendKind.STATIC:
-            return Route(backend.host, backend.port, self.pattern, False, self.proxy_protocol)
         if backend.kind is BackendKind.SNI:
             return Route(name, backend.port, self.pattern, True, self.proxy_protocol)
         pieces: list[str] = []
@@ -72,15 +95,16 @@ class RouteTable:
         self._allow_private = tuple(ipaddress.ip_network(n) for n in allow_private)
         self._rules = rules
         self._fallback = fallback
-        self._exact: dict[str, _Rule] = {}
-        self._wildcard: dict[str, _Rule] = {}  # suffix ("example.test") -> first rule
+        # name / suffix ("example.test") -> its rules in order (several only when they differ in ALPN)
+        self._exact: dict[str, list[_Rule]] = {}
+        self._wildcard: dict[str, list[_Rule]] = {}
         self._scanned: list[_Rule] = []  # regex and catch-all rules, in order
         for rule in rules:
             kind = rule.match.kind
             if kind is MatchKind.EXACT:
-                self._exact.setdefault(rule.match.value, rule)
+                self._exact.setdefault(rule.match.value, []).append(rule)
             elif kind is MatchKind.WILDCARD:
-                self._wildcard.setdefault(rule.match.value, rule)
+                self._wildcard.setdefault(rule.match.value, []).append(rule)
             else:
                 self._scanned.append(rule)
 
@@ -90,13 +114,19 @@ class RouteTable:
         rules = []
         for index, route in enumerate(table.routes):
             match = parse_match(route.match)
-            rules.append(_Rule(index, route.match, match, parse_backend(route.backend, match),
-                               route.proxy_protocol))
+            texts = (route.backend,) if isinstance(route.backend, str) else route.backend
+            specs = [parse_backend(text, match) for text in texts]
+            fixed = None
+            if all(s.kind in (BackendKind.STATIC, BackendKind.UNIX) for s in specs):
+                fixed = _fixed_route(tuple(s.address() for s in specs), route.match, route.proxy_protocol)
+            elif len(specs) > 1:
+                raise ValueError(f"routes[{index}]: a list of backends may hold only fixed ones")
+            rules.append(_Rule(index, route.match, match, specs[0], route.proxy_protocol,
+                               frozenset(route.alpn), fixed))
         fallback = None
         if table.fallback is not None:
-            fallback = Route(
-                table.fallback.host.lower(), table.fallback.port, FALLBACK_RULE, dynamic=False
-            )
+            listed = table.fallback if isinstance(table.fallback, tuple) else (table.fallback,)
+            fallback = _fixed_route(tuple(_lower(a) for a in listed), FALLBACK_RULE, None)
         return cls(table.name, tuple(rules), fallback, table.allow_private_backends)
 
     @property
@@ -120,25 +150,28 @@ class RouteTable:
     def __len__(self) -> int:
         return len(self._rules)
 
-    def route(self, sni: str | None) -> Route | None:
-        """The Route for a client's SNI (None: the client sent none), or None: refuse the client.
+    def route(self, sni: str | None, alpn: Sequence[str] = ()) -> Route | None:
+        """The Route for a client's SNI (None: the client sent none) and ALPN protocols (in the
+        client's order; empty: it offered none), or None: refuse the client.
 
         Names compare case-insensitively, ignoring one trailing dot. A name that is not a valid
-        hostname (including IP literals) matches no rule, exactly like a missing SNI.
+        hostname (including IP literals) matches no rule, exactly like a missing SNI. A rule with
+        `alpn` matches only a client that offers at least one of its protocols (exact, case-sensitive
+        comparison, as RFC 7301 says).
         """
         if not isinstance(sni, str):
             return self._fallback
         name = normalize_hostname(sni)
         if not is_hostname(name):
             return self._fallback
-        route = self._match(name)
+        route = self._match(name, alpn)
         return route if route is not None else self._fallback
 
-    def _match(self, name: str) -> Route | None:
-        best = self._exact.get(name)
+    def _match(self, name: str, alpn: Sequence[str]) -> Route | None:
+        best = _first(self._exact.get(name), alpn)
         dot = name.find(".")
         while dot >= 0:
-            rule = self._wildcard.get(name[dot + 1 :])
+            rule = _first(self._wildcard.get(name[dot + 1 :]), alpn)
             if rule is not None and (best is None or rule.index < best.index):
                 best = rule
             dot = name.find(".", dot + 1)
@@ -146,6 +179,8 @@ class RouteTable:
         for rule in self._scanned:
             if rule.index >= limit:
                 break
+            if not rule.accepts(alpn):
+                continue
             if rule.match.kind is MatchKind.CATCH_ALL:
                 route = rule.target(name)
             else:
@@ -157,3 +192,16 @@ class RouteTable:
             if route is not None:
                 return route
         return best.target(name) if best is not None else None
+
+
+def _first(rules: list[_Rule] | None, alpn: Sequence[str]) -> _Rule | None:
+    if rules is None:
+        return None
+    for rule in rules:
+        if rule.accepts(alpn):
+            return rule
+    return None
+
+
+def _lower(address: BackendAddress) -> BackendAddress:
+    return address if isinstance(address, UnixAddress) else Address(address.host.lower(), address.port)

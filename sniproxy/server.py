@@ -13,9 +13,14 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from sniproxy import metrics
+from sniproxy.balancer import Balancer
 from sniproxy.config import Config, ConfigError, ListenerConfig, load_config
-from sniproxy.connection import Connection, Policy, access_log, peer_text
+from sniproxy.connection import Connection, Policy, access_level, access_log, peer_text
 from sniproxy.dataplane import DataPlaneError, XdpGate
+from sniproxy.health import HealthChecker, balanced_backends
+from sniproxy.listeners import ListenerError, ListenerSource, LocalBinder, bind_listener, ungated
+from sniproxy.listeners import listener_name as _listener_name
 from sniproxy.relay import Relay
 from sniproxy.resolver import Resolver
 from sniproxy.routing import RouteTable
@@ -31,52 +36,6 @@ _ACCEPT_BACKOFF = 0.1
 _STATUS_INTERVAL = 5.0
 
 
-def _listener_name(listener: ListenerConfig) -> str:
-    return str(listener.bind)  # "127.0.0.1:8443" / "[::1]:8443", as Address prints itself
-
-
-def bind_listener(listener: ListenerConfig, backlog: int = 4096, *, reuse_port: bool = False,
-                  port: int | None = None, listen: bool = True) -> socket.socket:
-    family = socket.AF_INET6 if ":" in listener.bind.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            # "[::]" means IPv6 only; an IPv4 listener is configured separately, so both can coexist.
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((listener.bind.host, listener.bind.port if port is None else port))
-        if listen:
-            sock.listen(backlog)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def bind_worker_listeners(listeners: tuple[ListenerConfig, ...], workers: int) -> list[list[socket.socket]]:
-    """One SO_REUSEPORT listening socket per listener for each worker (the kernel spreads new
-    connections over them); all or nothing. SO_REUSEPORT would also let this process share a port
-    with another proxy started by the same user, silently: a plain bind first proves the port free
-    (and fixes the port when the config says 0)."""
-    sets: list[list[socket.socket]] = [[] for _ in range(workers)]
-    try:
-        for listener in listeners:
-            probe = bind_listener(listener, listen=False)  # EADDRINUSE if anything listens there
-            port = probe.getsockname()[1]
-            probe.close()
-            for socks in sets:
-                socks.append(bind_listener(listener, reuse_port=True, port=port))
-    except BaseException:
-        for socks in sets:
-            for sock in socks:
-                sock.close()
-        raise
-    return sets
-
-
 def build_policies(config: Config) -> dict[str, Policy]:
     """One Policy per listener name; a pure function of the config so reload can swap them whole."""
     tables = {name: RouteTable.from_config(table) for name, table in config.tables.items()}
@@ -87,6 +46,7 @@ def build_policies(config: Config) -> dict[str, Policy]:
             access_log=config.log.access_log,
             trusted_proxies=(tuple(ipaddress.ip_network(n) for n in listener.trusted)
                              if listener.accept_proxy_protocol else None),
+            protocol=listener.protocol,
         )
         for listener in config.listeners
     }
@@ -110,9 +70,15 @@ class Server:
     # Processes sharing the listeners ([server] workers): max_connections is split evenly between
     # them; max_connections_per_ip holds in each (a worker cannot see the others' connections).
     workers: int = 1
+    # Where a reload that adds listeners gets their sockets: bound here, or (a worker) offered by the
+    # supervisor, which alone holds every worker's SO_REUSEPORT socket.
+    listener_source: ListenerSource = field(default_factory=LocalBinder)
 
     def __post_init__(self) -> None:
         self._policies = build_policies(self.config)
+        # The XDP filter gates the ports it attached with; a reload may not open another one.
+        self._gated_ports = (frozenset(lst.bind.port for lst in self.config.listeners)
+                             if self.xdp is not None else None)
         self._listening: list[_Listening] = []
         self._connections: set[asyncio.Task[None]] = set()
         self._per_ip: dict[str, int] = {}
@@ -120,7 +86,7 @@ class Server:
         self._reload = asyncio.Event()
         self.rejected_over_limit = 0
         self.accepted = 0
-        self._last_reload_ok = True
+        self.last_reload_error: str | None = None  # why the last reload was rejected; None: it was not
         self._heartbeat: asyncio.TimerHandle | None = None
         if self.resolver is None:
             self.resolver = Resolver(self.config.resolver)
@@ -128,6 +94,9 @@ class Server:
         # keeps the one it started with, so an old one is closed only when its last user ends.
         self._resolver_users: dict[Resolver, int] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        # Kept across reloads: open counts and hold-downs of backends the new file still names.
+        self.balancer = Balancer(self.config.backends.hold_down)
+        self._health = HealthChecker(self.balancer, lambda: self.resolver)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -177,6 +146,7 @@ class Server:
         # Listeners are bound and the relay (BPF objects included) was opened before serve(): ready.
         self.notifier.ready(self.status_line())
         self._schedule_heartbeat()
+        self._health.configure(self.config)
         try:
             while not self._stop.is_set():
                 stop_wait = asyncio.ensure_future(self._stop.wait())
@@ -190,6 +160,8 @@ class Server:
                     self._reload.clear()
                     self.notifier.reloading()
                     self._last_reload_ok = self.reload()
+                    metrics.reload_done(self._last_reload_ok)
+                    self.notifier.reloaded(self.last_reload_error)
                     self.notifier.ready(self.status_line())
         finally:
             self.notifier.stopping(f"stopping: draining {len(self._connections)} connection(s)")
@@ -205,30 +177,50 @@ class Server:
                     self._heartbeat = None
 
     def reload(self) -> bool:
-        """Re-read the config file; new connections use it, established ones keep what they had."""
+        """Re-read the config file; new connections use it, established ones keep what they had.
+        Listeners follow the file: new ones are bound (all or nothing, before anything else changes),
+        removed ones stop accepting while their connections finish. False (and last_reload_error
+        says why) when the file was rejected."""
+        ok = self._reload_file()
+        if ok:
+            self.last_reload_error = None
+        return ok
+
+    def _rejected(self, error: str) -> bool:
+        log.error("reload_failed", error=error, kept="previous configuration")
+        self.last_reload_error = error
+        return False
+
+    def _reload_file(self) -> bool:
         try:
             config = load_config(self.config.source)
             policies = build_policies(config)
         except ConfigError as exc:
-            log.error("reload_failed", error=str(exc), kept="previous configuration")
-            return False
-        if config.listeners != self.config.listeners:
-            missing = {lst.table for lst in self.config.listeners} - set(config.tables)
-            if missing:
-                log.error("reload_failed", kept="previous configuration",
-                          error=f"listener changes need a restart, and the running listeners' "
-                                f"tables {sorted(missing)} are gone from the new file")
-                return False
-            log.warning("reload_listeners_unchanged",
-                        reason="listener changes need a restart; routes and limits were reloaded")
-            config = _with_listeners(config, self.config.listeners)
-            policies = build_policies(config)
+            self.listener_source.acquire(())  # close whatever a supervisor offered for this reload
+            return self._rejected(str(exc))
+        running = {entry.name for entry in self._listening}
+        added = [lst for lst in config.listeners if _listener_name(lst) not in running]
+        try:
+            why = ungated(added, self._gated_ports)
+            if why is not None:
+                self.listener_source.acquire(())
+                raise ListenerError(why)
+            sockets = self.listener_source.acquire(added)
+        except ListenerError as exc:
+            return self._rejected(str(exc))
+        if config.metrics != self.config.metrics:
+            log.warning("reload_metrics_unchanged", reason="[metrics] needs a restart")
+            config = dataclasses.replace(config, metrics=self.config.metrics)
         built = self._reload_resolver(config)
         if built is None:
+            for sock in sockets:
+                sock.close()
             return False
         config, resolver = built
         config = self._reload_xdp(config)
         if config is None:
+            for sock in sockets:
+                sock.close()
             if resolver is not None:
                 self._retire(resolver)
             return False
@@ -236,9 +228,32 @@ class Server:
         self._policies = policies
         if resolver is not None:
             self._swap_resolver(resolver)
+        self.balancer.hold_down = config.backends.hold_down
+        self.balancer.retain(balanced_backends(config))
+        self._health.configure(config)
+        self._swap_listeners(config, added, sockets)
         self.reloads += 1
         log.info("reloaded", source=config.source, reloads=self.reloads)
         return True
+
+    def _swap_listeners(self, config: Config, added: list[ListenerConfig], sockets: list[socket.socket]) -> None:
+        """Start accepting on the new sockets; stop on the listeners gone from `config`. Their
+        connections are tasks of their own and finish as they would have (drain, idle timeout)."""
+        wanted = {_listener_name(lst) for lst in config.listeners}
+        loop = asyncio.get_running_loop()
+        for entry in [e for e in self._listening if e.name not in wanted]:
+            if not entry.paused:
+                loop.remove_reader(entry.sock.fileno())
+            entry.sock.close()
+            self._listening.remove(entry)
+            log.info("listener_removed", listener=entry.name,
+                     open_connections=len(self._connections))
+        for listener, sock in zip(added, sockets, strict=True):
+            entry = _Listening(_listener_name(listener), sock)
+            self._listening.append(entry)
+            self._watch(entry)
+            log.info("listener_added", listener=entry.name, protocol=listener.protocol,
+                     table=listener.table)
 
     def _reload_resolver(self, config: Config) -> tuple[Config, Resolver | None] | None:
         """A new Resolver (sharing the running cache) when [resolver] changed, else None in the
@@ -257,7 +272,7 @@ class Server:
         try:
             return config, Resolver(new, self.resolver.cache)
         except Exception as exc:  # c-ares refusing the channel: keep the running one
-            log.error("reload_failed", error=f"resolver: {exc}", kept="previous configuration")
+            self._rejected(f"resolver: {exc}")
             return None
 
     def _swap_resolver(self, resolver: Resolver) -> None:
@@ -297,7 +312,7 @@ class Server:
         try:
             added, removed = self.xdp.replace(new.allow)
         except DataPlaneError as exc:
-            log.error("reload_failed", error=f"xdp.allow: {exc}", kept="previous configuration")
+            self._rejected(f"xdp.allow: {exc}")
             return None
         if added or removed:
             log.info("xdp_allow_replaced", added=added, removed=removed, entries=len(new.allow))
@@ -307,8 +322,8 @@ class Server:
         """One line for systemd's STATUS= (shown by `systemctl status`)."""
         line = (f"relay={self.relay.mode} connections={len(self._connections)} accepted={self.accepted} "
                 f"over_limit={self.rejected_over_limit} reloads={self.reloads}")
-        # A rejected file leaves the old config running: show that next to the reload count.
-        return line if self._last_reload_ok else line + " last_reload=failed"
+        # A rejected file leaves the old config running: show that, and why, next to the reload count.
+        return line if self.last_reload_error is None else f"{line} last_reload=failed: {self.last_reload_error}"
 
     def _schedule_heartbeat(self) -> None:
         # A timer on the event loop itself: if the loop stalls, the pings stop and systemd's
@@ -327,6 +342,7 @@ class Server:
 
     async def _drain(self) -> None:
         self._close_listeners()
+        await self._health.stop()
         grace = self.config.limits.shutdown_grace
         if self._connections:
             log.info("draining", connections=len(self._connections), grace_seconds=grace)
@@ -397,8 +413,9 @@ class Server:
             # Closed before reading a byte: shedding load must cost next to nothing.
             self.rejected_over_limit += 1
             client.close()
+            metrics.connection_rejected(entry.name, outcome)
             if policy.access_log:
-                access_log.info("access", client=peer_text(address),
+                getattr(access_log, access_level(outcome))("access", client=peer_text(address),
                                 listener=entry.name, outcome=outcome, state="accepted",
                                 bytes_up=0, bytes_down=0, duration_ms=0.0)
             return
@@ -406,7 +423,8 @@ class Server:
         self.accepted += 1
         resolver = self.resolver
         assert resolver is not None
-        connection = Connection(client, address, entry.name, policy, resolver, self.relay, loop)
+        connection = Connection(client, address, entry.name, policy, resolver, self.relay, loop,
+                                self.balancer)
         task = loop.create_task(connection.handle())
         self._connections.add(task)
         self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
@@ -430,6 +448,3 @@ class Server:
             if resolver is not self.resolver:
                 self._retire(resolver)
 
-
-def _with_listeners(config: Config, listeners: tuple[ListenerConfig, ...]) -> Config:
-    return dataclasses.replace(config, listeners=listeners)

@@ -170,6 +170,42 @@ def collect(pin_dir: str, top: int = 10) -> dict[str, Any]:
     }
 
 
+def open_counter_maps(pin_dir: str) -> dict[str, int]:
+    """The maps kernel_counters() reads, opened once: a process that drops its privileges after
+    start (a metrics endpoint) opens them before, since the pins are then out of its reach."""
+    fds: dict[str, int] = {}
+    try:
+        fds["traffic_stats"] = _open(pin_dir, "traffic_stats", ct.sizeof(maps.TrafficStats))
+        fds["splice_slots"] = _open(pin_dir, "splice_slots", ct.sizeof(ct.c_uint32))
+        fds["sock_map"] = _open(pin_dir, "sock_map", None)
+    except BaseException:
+        for fd in fds.values():
+            os.close(fd)
+        raise
+    return fds
+
+
+def kernel_counters(pin_dir: str, opened: dict[str, int] | None = None) -> dict[str, Any]:
+    """The cheap part of collect(), for a metrics scrape: traffic_stats totals, the sockets in
+    sock_map, and the handed-off pairs splice_slots tracks (two entries each). No sock_diag dump,
+    nothing per connection kept. `opened`: fds from open_counter_maps (kept open)."""
+    fds: list[int] = []
+    try:
+        if opened is None:
+            opened = open_counter_maps(pin_dir)
+            fds = list(opened.values())
+        traffic_fd, slots_fd, sock_fd = opened["traffic_stats"], opened["splice_slots"], opened["sock_map"]
+        traffic = maps.read_traffic(traffic_fd).as_dict()
+        tracked = len(maps.keys_u64(slots_fd))
+        sockets = len(maps.keys_u64(sock_fd))
+    except OSError as exc:
+        raise StatsError(f"reading the maps under {pin_dir} failed: {exc}") from None
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return {"traffic": traffic, "sockets": sockets, "pairs": (tracked + 1) // 2}
+
+
 def _size(n: int | None) -> str:
     if n is None:
         return "-"

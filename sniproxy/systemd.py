@@ -92,6 +92,11 @@ class Notifier:
     def stopping(self, status: str | None = None) -> bool:
         return self.notify("STOPPING=1", *([f"STATUS={status}"] if status else []))
 
+    def reloaded(self, error: str | None) -> bool:
+        """How a reload ended (None: in force). systemd learns it from the STATUS= sent with READY=1;
+        a worker's notifier passes it to its supervisor."""
+        return False
+
     def watchdog(self) -> bool:
         return self.notify("WATCHDOG=1")
 

@@ -1,8 +1,10 @@
 # `[server] workers`: the proxy as N processes forked from a supervisor that did, once, everything
 # needing privileges or a compiler (BPF programs, XDP, pinned maps, listening sockets). The supervisor
 # never accepts: it forwards SIGHUP/SIGTERM, restarts a worker that dies or stalls, and is the one
-# process that speaks to systemd. Invariant: every listening socket stays open in the supervisor, so
-# connections queued on a dead worker's socket wait for its replacement instead of being reset.
+# process that speaks to systemd. On SIGHUP it re-reads the listeners first, binds the new ones and
+# offers each worker its sockets over a unix socket (SCM_RIGHTS) before forwarding the signal.
+# Invariant: every listening socket stays open in the supervisor, so connections queued on a dead
+# worker's socket wait for its replacement instead of being reset.
 from __future__ import annotations
 
 import contextlib
@@ -14,12 +16,14 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
 
+from sniproxy import metrics
 from sniproxy.config import MAX_WORKERS
+from sniproxy.listeners import WorkerSockets, offer
 from sniproxy.systemd import Notifier
 
 log = structlog.get_logger("sniproxy.workers")
@@ -35,7 +39,10 @@ _MAX_RESTART_DELAY = 5.0
 # A worker that has not started serving after this long failed to start.
 START_TIMEOUT = 60.0
 
-_READY, _BEAT = b"R", b"."
+# Worker -> supervisor messages on its pipe: one byte each, except a failed reload, which is
+# _RELOAD_FAILED, the error text (no newline) and a newline. One write each, below PIPE_BUF: atomic.
+_READY, _BEAT, _RELOAD_OK, _RELOAD_FAILED = b"R", b".", b"O", b"F"
+_MAX_ERROR_BYTES = 1000
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 
 
@@ -48,8 +55,8 @@ def worker_count(setting: int | str) -> int:
 
 
 class ChannelNotifier(Notifier):
-    """A worker's Notifier: READY and WATCHDOG go to the supervisor through a pipe (the supervisor
-    tells systemd for all workers); STATUS, RELOADING and STOPPING stay in the worker."""
+    """A worker's Notifier: READY, WATCHDOG and how a reload ended go to the supervisor through a pipe
+    (the supervisor tells systemd for all workers); STATUS, RELOADING and STOPPING stay in the worker."""
 
     def __init__(self, fd: int) -> None:
         super().__init__(None, watchdog_usec=int(HEARTBEAT_SECONDS * 2_000_000))
@@ -67,8 +74,17 @@ class ChannelNotifier(Notifier):
         codes = b"".join({"READY=1": _READY, "WATCHDOG=1": _BEAT}.get(f, b"") for f in fields)
         if not codes:
             return False
+        return self._send(codes)
+
+    def reloaded(self, error: str | None) -> bool:
+        if error is None:
+            return self._send(_RELOAD_OK)
+        text = " ".join(error.split()).encode()[:_MAX_ERROR_BYTES]
+        return self._send(_RELOAD_FAILED + text + b"\n")
+
+    def _send(self, data: bytes) -> bool:
         try:
-            os.write(self._fd, codes)
+            os.write(self._fd, data)
         except OSError:  # the supervisor is gone or not reading: nothing to tell
             return False
         return True
@@ -79,9 +95,12 @@ class _Worker:
     index: int
     pid: int = 0
     channel: int = -1  # read end of its pipe
+    inbox: int = -1  # our end of its SOCK_SEQPACKET pair: listening sockets offered on reload
     started: float = 0.0
     last_heard: float = 0.0
     ready: bool = False
+    reload_answer: str | None = None  # since the last SIGHUP: "" in force, else the worker's error
+    pending: bytes = b""  # an incomplete message read from the channel
     restarts: int = 0
     restart_at: float | None = None  # a replacement is due at this time (crash-loop backoff)
     delay: float = 0.1
@@ -89,21 +108,27 @@ class _Worker:
 
 @dataclass
 class Supervisor:
-    """Forks `count` workers; `serve(index, channel_fd)` runs in each child and returns its exit code.
-    `sockets[index]` are that worker's listening sockets (the others' are closed in the child)."""
+    """Forks `count` workers; `serve(index, channel_fd, inbox_fd)` runs in each child and returns its
+    exit code. `sockets.for_worker(index)` are that worker's listening sockets (the others' are
+    closed in the child); `inbox_fd` receives the sockets of listeners a reload adds."""
 
     count: int
-    sockets: Sequence[Sequence[socket.socket]]
-    serve: Callable[[int, int], int]
+    sockets: WorkerSockets
+    serve: Callable[[int, int, int], int]
     notifier: Notifier = field(default_factory=Notifier.disabled)
     shutdown_grace: float = 30.0
+    # Called on SIGHUP before the workers hear of it: re-read the file and make `sockets` follow its
+    # listeners (and what a replaced worker will serve). Errors are its own to log.
+    reconfigure: Callable[[], None] | None = None
     # Called with a worker's index once it is reaped, before its replacement starts: kernel state
     # the dead process owned (its spliced pairs' map entries) is cleaned up here.
     on_worker_exit: Callable[[int], None] | None = None
 
     def __post_init__(self) -> None:
+        self._generation = 0
         self._workers = [_Worker(i) for i in range(self.count)]
         self._signals: list[int] = []
+        self.last_reload_error: str | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     # -- running ------------------------------------------------------------------------------------
@@ -131,12 +156,17 @@ class Supervisor:
                 if worker.channel >= 0:
                     os.close(worker.channel)
                     worker.channel = -1
+                if worker.inbox >= 0:
+                    os.close(worker.inbox)
+                    worker.inbox = -1
             os.close(self._wake_r)
             os.close(self._wake_w)
 
     def status_line(self) -> str:
         alive = sum(1 for w in self._workers if w.pid)
-        return f"workers={alive}/{self.count} restarts={sum(w.restarts for w in self._workers)}"
+        line = f"workers={alive}/{self.count} restarts={sum(w.restarts for w in self._workers)}"
+        # A rejected file leaves the previous config running: `systemctl status` says so, and why.
+        return line if self.last_reload_error is None else f"{line} last_reload=failed: {self.last_reload_error}"
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self._signals.append(signum)
@@ -145,10 +175,14 @@ class Supervisor:
         deadline = time.monotonic() + START_TIMEOUT
         while not all(w.ready for w in self._workers):
             self._poll(min(1.0, max(deadline - time.monotonic(), 0.0)))
-            for sig in self._take_signals():
-                if sig in (signal.SIGTERM, signal.SIGINT):
-                    log.info("stop_requested", phase="starting")
-                    return False
+            taken = self._take_signals()
+            if signal.SIGTERM in taken or signal.SIGINT in taken:
+                log.info("stop_requested", phase="starting")
+                return False
+            if signal.SIGHUP in taken:
+                # Not lost: the file may have changed after the workers read it. Handled once every
+                # worker serves (a SIGHUP before a worker's event loop runs would kill it).
+                self._signals.append(signal.SIGHUP)
             dead = self._reap()
             if dead:
                 log.error("start_failed", error=f"worker {dead[0][0].index} exited while starting "
@@ -190,6 +224,7 @@ class Supervisor:
                 if worker.restart_at is not None and now >= worker.restart_at:
                     worker.restart_at = None
                     worker.restarts += 1
+                    metrics.worker_restarted()
                     self._spawn(worker)
                     log.info("worker_restarted", worker=worker.index, pid=worker.pid, restarts=worker.restarts)
 
@@ -200,18 +235,41 @@ class Supervisor:
         log.error("worker_exited", worker=worker.index, reason=why, restart_in_seconds=worker.delay)
 
     def _reload(self) -> None:
-        """Forward SIGHUP; tell systemd READY again once every worker re-read its config (each sends
-        READY after a reload, successful or not: a rejected file leaves its previous config running)."""
+        """Forward SIGHUP; tell systemd READY again once every worker re-read its config (each says
+        how its reload ended, then READY: a rejected file leaves its previous config running), with
+        the first worker's error in STATUS= when any rejected it."""
         self.notifier.reloading()
+        if self.reconfigure is not None:
+            self.reconfigure()
+        # Every worker gets its whole current set, not just what is new: one that refused an earlier
+        # reload still finds what it lacks. Offers are queued before the signal, so a worker reads
+        # them when it reloads.
+        self._generation += 1
+        for worker in self._workers:
+            if worker.pid and worker.inbox >= 0:
+                try:
+                    offer(worker.inbox, self._generation, self.sockets.for_worker(worker.index))
+                except OSError as exc:
+                    log.error("listener_offer_failed", worker=worker.index, error=str(exc))
         for worker in self._workers:
             worker.ready = False
+            worker.reload_answer = None
             self._kill(worker, signal.SIGHUP)
         deadline = time.monotonic() + 10.0
         while not all(w.ready or not w.pid for w in self._workers) and time.monotonic() < deadline:
             self._poll(0.2)
             for worker, status in self._reap():
                 self._schedule_restart(worker, f"exited ({_describe(status)})")
-        log.info("workers_reloaded", workers=self.count)
+        failed = [(w.index, w.reload_answer if w.reload_answer is not None
+                   else "no answer within 10 s" if w.pid else "exited while reloading")
+                  for w in self._workers if w.reload_answer != ""]
+        if failed:
+            self.last_reload_error = failed[0][1]
+            log.error("workers_reload_failed", workers=[i for i, _ in failed], error=failed[0][1],
+                      kept="previous configuration")
+        else:
+            self.last_reload_error = None
+            log.info("workers_reloaded", workers=self.count)
         self.notifier.ready(self.status_line())
 
     def _stop_all(self) -> None:
@@ -242,6 +300,11 @@ class Supervisor:
     def _spawn(self, worker: _Worker) -> None:
         if worker.channel >= 0:
             os.close(worker.channel)
+        if worker.inbox >= 0:
+            os.close(worker.inbox)
+            worker.inbox = -1
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        inbox, worker_inbox = ours.detach(), theirs.detach()
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(read_end, False)
         for stream in (sys.stdout, sys.stderr):
@@ -251,8 +314,9 @@ class Supervisor:
             code = 70  # EX_SOFTWARE
             try:
                 os.close(read_end)
+                os.close(inbox)
                 self._become_worker(worker.index)
-                code = self.serve(worker.index, write_end)
+                code = self.serve(worker.index, write_end, worker_inbox)
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) else 1
             except BaseException:
@@ -265,6 +329,8 @@ class Supervisor:
                 # detach the programs every worker shares).
                 os._exit(code)
         os.close(write_end)
+        os.close(worker_inbox)
+        worker.inbox = inbox
         now = time.monotonic()
         worker.pid, worker.channel, worker.started, worker.last_heard, worker.ready = pid, read_end, now, now, False
 
@@ -277,7 +343,9 @@ class Supervisor:
         for worker in self._workers:
             if worker.channel >= 0:
                 os.close(worker.channel)
-        for other, socks in enumerate(self.sockets):
+            if worker.inbox >= 0:
+                os.close(worker.inbox)
+        for other, socks in enumerate(self.sockets.all()):
             if other != index:
                 for sock in socks:
                     sock.close()
@@ -298,6 +366,7 @@ class Supervisor:
             except ChildProcessError:
                 pid, status = worker.pid, 0
             if pid:
+                metrics.process_gone(worker.pid)
                 worker.pid = 0
                 worker.ready = False
                 dead.append((worker, status))
@@ -340,8 +409,28 @@ class Supervisor:
                 worker.channel = -1
                 continue
             worker.last_heard = time.monotonic()
-            if _READY in data:
+            self._read_messages(worker, data)
+
+    @staticmethod
+    def _read_messages(worker: _Worker, data: bytes) -> None:
+        data = worker.pending + data
+        worker.pending = b""
+        i = 0
+        while i < len(data):
+            code = data[i:i + 1]
+            if code == _RELOAD_FAILED:
+                end = data.find(b"\n", i)
+                if end < 0:  # the rest comes with the next read
+                    worker.pending = data[i:]
+                    return
+                worker.reload_answer = data[i + 1:end].decode(errors="replace")
+                i = end + 1
+                continue
+            if code == _READY:
                 worker.ready = True
+            elif code == _RELOAD_OK:
+                worker.reload_answer = ""
+            i += 1
 
 
 def _describe(status: int) -> str:

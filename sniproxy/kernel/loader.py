@@ -100,6 +100,32 @@ def pin_fd(fd: int, path: str) -> None:
         raise KernelError(f"pinning {path} failed", os.strerror(err))
 
 
+class PinDir:
+    """Unpins by name through a descriptor of pin_dir opened while the process was privileged: after
+    the proxy switched to its unprivileged user ([server] user) a root-only /sys/fs/bpf above pin_dir
+    (mode 0700 under systemd) no longer lets it resolve the path, but unlinking in a directory it
+    owns, through that descriptor, still works."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.names: list[str] = []
+
+    def unpin_all(self) -> None:
+        """Unlink every name pinned through this object, then pin_dir itself when that leaves it empty
+        (only possible while the parent is writable: an empty directory left behind is harmless)."""
+        if self._fd < 0:
+            return
+        for name in self.names:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=self._fd)
+        self.names.clear()
+        os.close(self._fd)
+        self._fd = -1
+        with contextlib.suppress(OSError):
+            os.rmdir(self.path)  # only when empty: other components may pin here too
+
+
 class DataPlane:
     """The loaded splice programs and their maps. Use DataPlane.load(pin_dir), or as a context manager."""
 
@@ -108,7 +134,7 @@ class DataPlane:
         self.pin_dir = pin_dir
         self._created_dir = created_dir
         self._attached: list[tuple[object, int, int]] = []
-        self._pinned: list[str] = []
+        self._pins: PinDir | None = None
         self._events: list[maps.SpliceEvent] = []
         self._closed = False
         lib = self._lib()
@@ -188,12 +214,13 @@ class DataPlane:
         return plane
 
     def _pin_all(self) -> None:
+        self._pins = PinDir(self.pin_dir)
         for name in PINNED_MAPS:
             path = os.path.join(self.pin_dir, name)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)  # stale pin from an earlier run
             pin_fd(self.fds[name], path)
-            self._pinned.append(path)
+            self._pins.names.append(name)
 
     def _open_events(self, worker: int) -> int:
         """Consume ring `worker` in this process (after the fork, in a worker: a ring has one consumer,
@@ -229,14 +256,13 @@ class DataPlane:
         for fn, fd, kind in reversed(self._attached):
             self._lib().bpf_prog_detach2(fn.fd, fd, kind)  # type: ignore[attr-defined]
         self._attached.clear()
-        for path in self._pinned:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-        self._pinned.clear()
         with contextlib.suppress(BufferError, ValueError):
             self._state.close()
-        with contextlib.suppress(OSError):
-            os.rmdir(self.pin_dir)  # only when empty: other components may pin here too
+        if self._pins is not None:
+            self._pins.unpin_all()
+        else:  # closed before pinning
+            with contextlib.suppress(OSError):
+                os.rmdir(self.pin_dir)
         self._bpf.cleanup()  # type: ignore[attr-defined]
 
     @property

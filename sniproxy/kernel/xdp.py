@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import maps
 from .errors import KernelError
-from .loader import _captured_stderr, ensure_bpffs, pin_fd
+from .loader import PinDir, _captured_stderr, ensure_bpffs, pin_fd
 
 EBPF_DIR = Path(__file__).resolve().parents[2] / "ebpf"
 XDP_SRC = EBPF_DIR / "xdp_filter.c"
@@ -372,7 +372,7 @@ class XdpAllowList:
     def __init__(self, bpf: object, pin_dir: str) -> None:
         self._bpf = bpf
         self.pin_dir = pin_dir
-        self._pinned: list[str] = []
+        self._pins: PinDir | None = None
         self.attachments: list[Attachment] = []
         self._closed = False
         lib = maps._libbcc()
@@ -419,12 +419,13 @@ class XdpAllowList:
                 maps.update(gate.fds["xdp_ports"], ct.c_uint16(port), ct.c_uint8(1), what="xdp_ports")
             gate.allow_list.replace(allow)
             os.makedirs(pin_dir, exist_ok=True)
+            gate._pins = PinDir(pin_dir)
             for name in PINNED_MAPS:
                 path = os.path.join(pin_dir, name)
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)  # stale pin from an earlier run
                 pin_fd(gate.fds[name], path)
-                gate._pinned.append(path)
+                gate._pins.names.append(name)
         except maps.MapError as e:
             gate.close()
             raise KernelError("filling the XDP maps failed", str(e)) from e
@@ -526,12 +527,8 @@ class XdpAllowList:
         self._closed = True
         for attachment in list(self.attachments):
             self.detach(attachment)
-        for path in self._pinned:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-        self._pinned.clear()
-        with contextlib.suppress(OSError):
-            os.rmdir(self.pin_dir)  # only when empty: the splice maps may be pinned here too
+        if self._pins is not None:  # then pin_dir itself, when empty: the splice maps may be there too
+            self._pins.unpin_all()
         self._bpf.cleanup()  # type: ignore[attr-defined]
 
     @property

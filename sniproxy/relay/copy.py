@@ -1,5 +1,8 @@
-# The userspace copy engine: both directions of a connection driven by event-loop callbacks on the
-# raw non-blocking sockets (no transport, no task), with bounded buffers and half-close. It ends when
+# The userspace copy engine: both directions of a connection driven by callbacks on the raw
+# non-blocking sockets (no transport, no task), with bounded buffers and half-close. Readiness comes
+# from one epoll per event loop (Poller), not from loop.add_reader: uvloop stops a reader's poll
+# handle for good when its socket reports POLLERR (a backend's RST while we were not reading it) and
+# never calls it, so the connection would hang; our own epoll delivers ERR/HUP like any event. It ends when
 # both directions are finished, or when the hand-off asked for has a quiet point: nothing read from
 # either socket is still unwritten and neither socket is being read. Invariant: bytes leave in the
 # order they arrived; at most one chunk per direction is held here (reading a source stops while its
@@ -8,8 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import select
 import socket
 import time
+import weakref
+from collections.abc import Callable
 
 from .result import Outcome
 
@@ -17,6 +23,49 @@ CHUNK = 256 * 1024
 
 HANDOFF = "handoff"
 FINISHED = "finished"
+
+
+_IN, _OUT, _ERR = select.EPOLLIN, select.EPOLLOUT, select.EPOLLERR | select.EPOLLHUP
+
+
+class Poller:
+    """One level-triggered epoll for every copied socket of one event loop, itself watched by the loop
+    (an epoll fd never reports POLLERR). One epoll_ctl per interest change, none per event."""
+
+    # Weak: a loop that is gone (tests make many) takes its poller with it.
+    _by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Poller] = weakref.WeakKeyDictionary()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.epoll = select.epoll()
+        self.handlers: dict[int, Callable[[int, int], None]] = {}
+        loop.add_reader(self.epoll.fileno(), self._dispatch)
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> Poller:
+        poller = cls._by_loop.get(loop)
+        if poller is None:
+            poller = cls._by_loop[loop] = cls(loop)
+        return poller
+
+    def set(self, fd: int, mask: int, handler: Callable[[int, int], None]) -> None:
+        """Watch fd for mask (0: none); a socket no longer in `handlers` is (re)registered."""
+        if fd in self.handlers:
+            self.epoll.modify(fd, mask)
+        else:
+            self.epoll.register(fd, mask)
+        self.handlers[fd] = handler
+
+    def forget(self, fd: int) -> None:
+        if self.handlers.pop(fd, None) is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self.epoll.unregister(fd)
+
+    def _dispatch(self) -> None:
+        for fd, events in self.epoll.poll(0, 512):
+            handler = self.handlers.get(fd)
+            if handler is not None:
+                handler(fd, events)
 
 
 class Flow:
@@ -48,6 +97,7 @@ class CopyPhase:
     def __init__(self, loop: asyncio.AbstractEventLoop, client: socket.socket, backend: socket.socket,
                  idle_timeout: float, handoff_at: int | None) -> None:
         self.loop = loop
+        self.poller = Poller.of(loop)
         self.client, self.backend = client, backend
         self.up = Flow("client", client, backend)
         self.down = Flow("backend", backend, client)
@@ -132,16 +182,12 @@ class CopyPhase:
             return
         if n == len(flow.pending):
             flow.pending = None
-            if flow.writing:
-                flow.writing = False
-                self.loop.remove_writer(flow.dst_fd)
+            self._set_writing(flow, False)
             self._after_written(flow)
             return
         flow.pending = flow.pending[n:]
         self._stop_reading(flow)
-        if not flow.writing:
-            flow.writing = True
-            self.loop.add_writer(flow.dst_fd, self._on_writable, flow)
+        self._set_writing(flow, True)
 
     def _on_writable(self, flow: Flow) -> None:
         if flow.pending is not None:
@@ -163,12 +209,35 @@ class CopyPhase:
     def _start_reading(self, flow: Flow) -> None:
         if not flow.reading and not self.closed:
             flow.reading = True
-            self.loop.add_reader(flow.src_fd, self._on_readable, flow)
+            self._update(flow.src_fd)
 
     def _stop_reading(self, flow: Flow) -> None:
         if flow.reading:
             flow.reading = False
-            self.loop.remove_reader(flow.src_fd)
+            self._update(flow.src_fd)
+
+    def _set_writing(self, flow: Flow, on: bool) -> None:
+        if flow.writing != on:
+            flow.writing = on
+            self._update(flow.dst_fd)
+
+    def _update(self, fd: int) -> None:
+        """The epoll interest of one socket: reading its flow, writing the other flow into it."""
+        src, into = (self.up, self.down) if fd == self.up.src_fd else (self.down, self.up)
+        mask = (_IN if src.reading else 0) | (_OUT if into.writing else 0)
+        if mask or fd in self.poller.handlers:
+            self.poller.set(fd, mask, self._on_event)
+
+    def _on_event(self, fd: int, events: int) -> None:
+        src, into = (self.up, self.down) if fd == self.up.src_fd else (self.down, self.up)
+        if events & (_IN | _ERR) and src.reading:
+            self._on_readable(src)
+        if events & (_OUT | _ERR) and into.writing and not self.closed:
+            self._on_writable(into)
+        if events & _ERR and not (src.reading or into.writing) and not self.closed:
+            # Failed while nothing is asked of it (level-triggered ERR/HUP would fire on and on):
+            # stop watching; the next read or write of it meets the error.
+            self.poller.forget(fd)
 
     def _shut(self, flow: Flow) -> None:
         flow.shut = True
@@ -228,10 +297,9 @@ class CopyPhase:
     def detach(self) -> None:
         """Stop every callback on both sockets (they stay open): the kernel takes them over."""
         for flow in (self.up, self.down):
-            self._stop_reading(flow)
-            if flow.writing:
-                flow.writing = False
-                self.loop.remove_writer(flow.dst_fd)
+            flow.reading = flow.writing = False
+        self.poller.forget(self.up.src_fd)
+        self.poller.forget(self.down.src_fd)
 
     def close(self, abort: bool = False) -> None:
         if self.closed:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import signal
 import socket
@@ -25,6 +26,9 @@ class NotifySocket:
         self.address = address
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(address if address.startswith("/") else "\0" + address[1:])
+        if address.startswith("/"):
+            # The proxy sends from its unprivileged user ([server] user), as to systemd's socket (0777).
+            os.chmod(address, 0o777)
         self.sock.setblocking(False)
         self.received: list[tuple[float, dict[str, str]]] = []
 
@@ -61,6 +65,7 @@ class NotifySocket:
 @pytest.fixture
 def notify_dir() -> Iterator[str]:
     path = tempfile.mkdtemp(prefix="sdn-", dir="/tmp")  # AF_UNIX paths must stay short
+    os.chmod(path, 0o711)
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
@@ -120,13 +125,15 @@ async def test_ready_watchdog_reload_stopping(start_proxy, backends, ca, notify_
         assert ready["STATUS"].endswith("reloads=1")
         assert await who("127.0.0.1", port, "app.test", ctx) == "backend=b alpn=None"
 
-        # A rejected file: the same pair of messages, and STATUS says the old config is still running.
+        # A rejected file: the same pair of messages, and STATUS says the old config is still running,
+        # and why (`systemctl status` shows it).
         proxy.config_path.write_text("[limits]\nmax_connections = 0\n")
         mark = len(notify.received)
         proxy.signal(signal.SIGHUP)
         i, _ = await notify.wait_for(lambda f: f.get("RELOADING") == "1", after=mark)
         _, ready = await notify.wait_for(lambda f: f.get("READY") == "1", after=i)
-        assert ready["STATUS"].endswith("reloads=1 last_reload=failed")
+        assert ready["STATUS"].endswith(f"reloads=1 last_reload=failed: {proxy.config_path}: listener: "
+                                        "at least one [[listener]] is required"), ready
 
         # SIGTERM: STOPPING=1 at once, while the held connection still drains.
         mark = len(notify.received)
@@ -151,5 +158,45 @@ async def test_abstract_socket_and_foreign_watchdog_pid(start_proxy, backends, n
         ready_at, _ = await notify.wait_for(lambda f: f.get("READY") == "1")
         await notify.collect(0.6)
         assert not [f for _, f in notify.received[ready_at:] if "WATCHDOG" in f], notify.received
+    finally:
+        notify.close()
+
+
+async def test_workers_supervisor_reports_a_rejected_reload(start_proxy, backends, ca, notify_dir) -> None:
+    """With [server] workers the supervisor alone speaks to systemd: a file the workers rejected must
+    reach STATUS= with the reason (it used to say workers=2/2 restarts=0 as if all went well), and a
+    later good reload clears it."""
+    a, b = backends
+    notify = NotifySocket(f"{notify_dir}/notify")
+    port = free_port()
+    ctx = client_context(ca)
+    workers = "\n[server]\nworkers = 2\n"
+    try:
+        proxy = start_proxy(_config(port, a.port) + workers, wait=False, env={"NOTIFY_SOCKET": notify.address})
+        _, ready = await notify.wait_for(lambda f: f.get("READY") == "1")
+        assert ready["STATUS"] == "workers=2/2 restarts=0"
+
+        proxy.config_path.write_text(_config(port, a.port).replace("max_connections = 10000",
+                                                                    "max_connections = 0") + workers)
+        mark = len(notify.received)
+        proxy.signal(signal.SIGHUP)
+        i, _ = await notify.wait_for(lambda f: f.get("RELOADING") == "1", after=mark)
+        _, ready = await notify.wait_for(lambda f: f.get("READY") == "1", after=i)
+        assert ready["STATUS"] == (f"workers=2/2 restarts=0 last_reload=failed: {proxy.config_path}: "
+                                   "limits.max_connections: must be >= 1, got 0"), ready
+        (failed,) = await proxy.until(lambda e: e.get("event") == "workers_reload_failed")
+        assert failed["level"] == "error" and sorted(failed["workers"]) == [0, 1], failed
+        # The periodic STATUS keeps saying it (every few seconds), and the old routes still serve.
+        await notify.wait_for(lambda f: "last_reload=failed" in f.get("STATUS", "") and "READY" not in f,
+                              after=i, timeout=10)
+        assert await who("127.0.0.1", port, "app.test", ctx) == "backend=a alpn=None"
+
+        proxy.config_path.write_text(_config(port, b.port) + workers)
+        mark = len(notify.received)
+        proxy.signal(signal.SIGHUP)
+        i, _ = await notify.wait_for(lambda f: f.get("RELOADING") == "1", after=mark)
+        _, ready = await notify.wait_for(lambda f: f.get("READY") == "1", after=i)
+        assert ready["STATUS"] == "workers=2/2 restarts=0", ready
+        assert await who("127.0.0.1", port, "app.test", ctx) == "backend=b alpn=None"
     finally:
         notify.close()

@@ -37,7 +37,7 @@ def test_offline_security_exposure(unit_copy: Path) -> None:
                          capture_output=True, text=True)
     match = re.search(r"Overall exposure level for sniproxy.service: (\d+\.\d+)", res.stdout)
     assert match, res.stdout + res.stderr
-    assert float(match.group(1)) <= 3.0, res.stdout
+    assert float(match.group(1)) <= 2.5, res.stdout  # 2.3 in the container (test_systemd_nspawn)
 
 
 def _service_section() -> dict[str, list[str]]:
@@ -58,15 +58,21 @@ def _service_section() -> dict[str, list[str]]:
 
 
 def test_unit_contract() -> None:
-    """What the daemon relies on: notify readiness, SIGHUP reload that waits, restarts, the watchdog,
-    the measured capability set, and enough descriptors for the default max_connections."""
+    """What the daemon relies on: notify readiness, SIGHUP reload that waits and fails on a rejected
+    file, restarts, the watchdog, an unprivileged user with the measured start-up capabilities (and
+    capset allowed, to drop them), and enough descriptors for the default max_connections."""
     service = _service_section()
     assert service["Type"] == ["notify"]
-    assert service["ExecReload"] == ["/bin/systemd-notify RELOADING=1", "/bin/kill -HUP $MAINPID"]
+    assert service["ExecReload"] == ["/bin/systemd-notify RELOADING=1", "/bin/kill -HUP $MAINPID",
+                                     "/opt/sniproxy/bin/sniproxy check -c /etc/sniproxy/config.toml"]
     assert service["NotifyAccess"] == ["exec"]
     assert service["Restart"] == ["on-failure"]
     assert service["WatchdogSec"] == ["30s"]
-    assert set(service["CapabilityBoundingSet"][0].split()) == {
-        "CAP_BPF", "CAP_NET_ADMIN", "CAP_PERFMON", "CAP_NET_BIND_SERVICE"}
+    caps = {"CAP_BPF", "CAP_NET_ADMIN", "CAP_PERFMON", "CAP_NET_BIND_SERVICE", "CAP_DAC_OVERRIDE"}
+    assert set(service["CapabilityBoundingSet"][0].split()) == caps
+    assert set(service["AmbientCapabilities"][0].split()) == caps
+    assert service["User"] == service["Group"] == ["sniproxy"]
+    assert service["NoNewPrivileges"] == ["yes"]
+    assert "capset" in service["SystemCallFilter"][-1].split()
     assert int(service["LimitNOFILE"][0]) >= 2 * 10000 + 64
     assert service["ExecStart"] == ["/opt/sniproxy/bin/sniproxy run -c /etc/sniproxy/config.toml"]

@@ -1,4 +1,4 @@
-# Each known sockmap pitfall (measured on this kernel) with the test that shows SpliceRelay answers it:
+# Each known sockmap pitfall (measured on this kernel) with the test that shows the relay answers it:
 # eager clients (bytes before/during insertion), half-close, bare FINs, resets, FIN before insertion
 # (fallback to copy), and idleness learned from kernel counters.
 from __future__ import annotations

@@ -483,6 +483,28 @@ async def test_reloads_never_drop_the_allowed_host(proxy: ProxyProcess, topo: To
     assert verdicts(pin_dir)["dropped"] == before["dropped"]
 
 
+async def test_sighup_adding_a_listener_on_an_ungated_port_is_refused(
+        proxy: ProxyProcess, topo: Topology, pin_dir: str, allow: list[str]):
+    """The filter's ports are fixed when it attaches: a new listener there would take clients from
+    outside the allow-list, so the reload is refused as a whole and nothing listens on that port."""
+    failed = len([e for e in proxy.events() if e.get("event") == "reload_failed"])
+    reloads = len([e for e in proxy.events() if e.get("event") == "reloaded"])
+    try:
+        proxy.config_path.write_text(proxy_config(topo, pin_dir, allow).replace(
+            "[table.default]", listener(f"0.0.0.0:{OTHER_PORT + 1}") + "[table.default]"))
+        proxy.signal(signal.SIGHUP)
+        event = (await proxy.until(lambda e: e.get("event") == "reload_failed", count=failed + 1))[-1]
+        assert event["error"] == (f"listener 0.0.0.0:{OTHER_PORT + 1}: port {OTHER_PORT + 1} is not "
+                                  f"among the ports the running XDP filter gates ([{PROXY_PORT}]); "
+                                  "restart to add it")
+        a = topo.hosts["a"]
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.to_thread(connect, a.ns, a.proxy_v4, OTHER_PORT + 1, 2.0)
+    finally:
+        rewrite_and_reload(proxy, topo, pin_dir, allow)
+        await proxy.until(lambda e: e.get("event") == "reloaded", count=reloads + 1)
+
+
 async def test_cli_edits_the_live_list_and_says_config_is_untouched(
         proxy: ProxyProcess, topo: Topology, pin_dir: str, allow: list[str]):
     d = topo.hosts["d"]

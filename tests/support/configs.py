@@ -6,8 +6,9 @@ def toml_str(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def listener(bind: str, table: str = "default") -> str:
-    return f'[[listener]]\nbind = {toml_str(bind)}\nprotocol = "tls"\ntable = {toml_str(table)}\n\n'
+def listener(bind: str, table: str = "default", protocol: str = "tls") -> str:
+    return (f'[[listener]]\nbind = {toml_str(bind)}\nprotocol = {toml_str(protocol)}\n'
+            f'table = {toml_str(table)}\n\n')
 
 
 def table(name: str, routes: list[tuple[str, ...]], fallback: str | None = None,

@@ -51,7 +51,9 @@ class Container:
         self._mount("-t", "overlay", "-o",
                     f"lowerdir={self.lower},upperdir={self.base}/upper,workdir={self.base}/work",
                     "overlay", target=self.root)
-        self._mount("-t", "bpf", "bpf", target=self.bpffs)  # a new bpffs instance: pins stay private
+        # A new bpffs instance (pins stay private), mode 0700 root as systemd mounts /sys/fs/bpf: the
+        # service's unprivileged user cannot even look up paths in it once its capabilities are gone.
+        self._mount("-t", "bpf", "-o", "mode=0700", "bpf", target=self.bpffs)
         argv = ["systemd-nspawn", "--boot", "--register=no", "--keep-unit", "--console=passive",
                 f"--machine={self.name}", "-D", str(self.root),
                 "--system-call-filter=bpf", "--capability=CAP_BPF,CAP_NET_ADMIN,CAP_PERFMON",

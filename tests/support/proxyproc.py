@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -18,13 +20,20 @@ REPO = Path(__file__).resolve().parents[2]
 class ProxyProcess:
     def __init__(self, config_path: Path, log_path: Path, env: dict[str, str] | None = None,
                  argv_prefix: list[str] | None = None) -> None:
-        self.config_path = config_path
+        # The proxy switches to its unprivileged user ([server] user) and re-reads the file on SIGHUP,
+        # so it lives where that user can read it: pytest's tmp dirs are 0700 root. Tests rewrite
+        # proxy.config_path (this copy) to reload.
+        self._config_dir = Path(tempfile.mkdtemp(prefix="sniproxy-proxy-", dir="/tmp"))
+        self._config_dir.chmod(0o711)
+        self.config_path = self._config_dir / config_path.name
+        shutil.copyfile(config_path, self.config_path)
+        self.config_path.chmod(0o644)
         self.log_path = log_path
         self._log_file = open(log_path, "wb")
         full_env = dict(os.environ)
         full_env["PYTHONUNBUFFERED"] = "1"
         full_env.update(env or {})
-        argv = [*(argv_prefix or []), sys.executable, "-m", "sniproxy", "run", "-c", str(config_path)]
+        argv = [*(argv_prefix or []), sys.executable, "-m", "sniproxy", "run", "-c", str(self.config_path)]
         self.proc = subprocess.Popen(argv, stdout=self._log_file, stderr=subprocess.STDOUT,
                                      cwd=REPO, env=full_env)
 
@@ -90,4 +99,5 @@ class ProxyProcess:
                 self.proc.kill()
                 self.proc.wait()
         self._log_file.close()
+        shutil.rmtree(self._config_dir, ignore_errors=True)
         return self.proc.returncode

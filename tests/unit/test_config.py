@@ -93,14 +93,28 @@ def test_defaults_applied():
     assert config.log == LogConfig(format="json", level="info", access_log=True)
     assert config.ebpf == EbpfConfig(splice=True, pin_dir="/sys/fs/bpf/sniproxy")
     assert config.server.workers == 1  # one process unless asked
+    assert config.server.user == "sniproxy"  # never uid 0 unless asked
     assert config.source == "<string>"
     assert config.listeners[0].protocol == "tls"
     assert config.tables["default"].fallback is None
 
 
+def test_metrics_off_unless_bound():
+    from sniproxy.config import Address
+
+    assert cfg(MINIMAL).metrics.bind is None
+    assert cfg(MINIMAL, "[metrics]").metrics.bind is None
+    assert cfg(MINIMAL, "[metrics]\nbind = '[::1]:9180'").metrics.bind == Address("::1", 9180)
+
+
 @pytest.mark.parametrize("text, expected", [("workers = 'auto'", "auto"), ("workers = 3", 3)])
 def test_workers_setting(text, expected):
     assert cfg(MINIMAL, "[server]\n" + text).server.workers == expected
+
+
+@pytest.mark.parametrize("name", ["sniproxy", "root", "_svc-proxy.1", "www-data"])
+def test_user_setting(name):
+    assert cfg(MINIMAL, f"[server]\nuser = '{name}'").server.user == name
 
 
 def test_auto_workers_is_one_per_usable_cpu_within_the_ring_count():
@@ -253,7 +267,11 @@ ERROR_CASES = [
     pytest.param(["[[listener]]\nbind = '[::1]'", TABLE], "listener[0].bind", "port", id="bind-v6-no-port"),
     pytest.param(["[[listener]]\nbind = '[1.2.3.4]:1'", TABLE], "listener[0].bind", "IPv6", id="bind-v4-in-brackets"),
     pytest.param(["[[listener]]\nbind = '[::1:443'", TABLE], "listener[0].bind", "]", id="bind-unclosed"),
-    pytest.param([LISTENER + "protocol = 'http'\n", TABLE], "listener[0].protocol", "tls", id="protocol"),
+    pytest.param([LISTENER + "protocol = 'udp'\n", TABLE], "listener[0].protocol", "one of tls, http", id="protocol"),
+    pytest.param([MINIMAL, "[limits]\nhttp_head_timeout = 0"], "limits.http_head_timeout", "> 0", id="http-head-timeout-zero"),
+    pytest.param([MINIMAL, "[limits]\nhttp_head_timeout = 'x'"], "limits.http_head_timeout", "number", id="http-head-timeout-str"),
+    pytest.param([MINIMAL, "[limits]\nmax_http_head_size = 100"], "limits.max_http_head_size", "between 512 and 1048576", id="http-head-size-small"),
+    pytest.param([MINIMAL, "[limits]\nmax_http_head_size = 2000000"], "limits.max_http_head_size", "between", id="http-head-size-big"),
     pytest.param([LISTENER + "protocol = true\n", TABLE], "listener[0].protocol", "string", id="protocol-bool"),
     pytest.param(["[[listener]]\nbind = '127.0.0.1:1'\ntable = 'nope'", TABLE], "listener[0].table", "no table named 'nope'", id="table-missing"),
     pytest.param(["[[listener]]\nbind = '127.0.0.1:1'"], "listener[0].table", "no table named 'default'", id="no-tables"),
@@ -271,7 +289,7 @@ ERROR_CASES = [
     pytest.param([LISTENER, "[table.default]\nroutes = [{ match = 'a.test' }]"], "table.default.routes[0].backend", "required", id="backend-missing"),
     pytest.param([LISTENER, "[table.default]\nroutes = [{ match = 1, backend = 'a.test:1' }]"], "table.default.routes[0].match", "string", id="match-int"),
     pytest.param([LISTENER, "[table.default]\nfallback = 'b.test'"], "table.default.fallback", "missing port", id="fallback-no-port"),
-    pytest.param([LISTENER, "[table.default]\nfallback = ['b.test:1']"], "table.default.fallback", "string", id="fallback-array"),
+    pytest.param([LISTENER, "[table.default]\nfallback = [1]"], "table.default.fallback[0]", "string", id="fallback-array-of-int"),
     # route match forms
     pytest.param([LISTENER, routes(("", "b.test:1"))], "table.default.routes[0].match", "empty", id="match-empty"),
     pytest.param([LISTENER, routes(("a.test", "b.test:1"), ("~(unclosed", "b.test:1"))], "table.default.routes[1].match", "invalid regex", id="match-bad-regex"),
@@ -342,7 +360,15 @@ ERROR_CASES = [
     pytest.param([MINIMAL, "[server]\nworkers = 17"], "server.workers", "between 1 and 16", id="workers-above-rings"),
     pytest.param([MINIMAL, "[server]\nworkers = 'all'"], "server.workers", '"auto"', id="workers-word"),
     pytest.param([MINIMAL, "[server]\nworkers = 2.0"], "server.workers", "integer", id="workers-float"),
+    pytest.param([MINIMAL, "[server]\nuser = ''"], "server.user", "user name", id="user-empty"),
+    pytest.param([MINIMAL, "[server]\nuser = 'a b'"], "server.user", "user name", id="user-space"),
+    pytest.param([MINIMAL, "[server]\nuser = 0"], "server.user", "string", id="user-uid-number"),
     pytest.param([MINIMAL, "[server]\nthreads = 2"], "server.threads", "unknown", id="server-unknown-key"),
+    pytest.param([MINIMAL, "[metrics]\nport = 9180"], "metrics.port", "unknown", id="metrics-unknown-key"),
+    pytest.param([MINIMAL, "[metrics]\nbind = 9180"], "metrics.bind", "string", id="metrics-bind-int"),
+    pytest.param([MINIMAL, "[metrics]\nbind = 'localhost:9180'"], "metrics.bind", "IP address", id="metrics-bind-hostname"),
+    pytest.param([MINIMAL, "[metrics]\nbind = '127.0.0.1'"], "metrics.bind", "port", id="metrics-bind-no-port"),
+    pytest.param([MINIMAL, "[metrics]\nbind = '127.0.0.1:8443'"], "metrics.bind", "listener[0]", id="metrics-bind-listener"),
 ]
 
 
@@ -524,3 +550,18 @@ def test_hardening_key_errors_name_the_key(old, new, key_path):
     with pytest.raises(ConfigError) as info:
         parse_config(HARDENED.replace(old, new))
     assert info.value.key_path == key_path
+
+
+# -- http listeners (issue 16) ----------------------------------------------------------------------
+
+
+def test_http_listener_and_head_limits_parse():
+    config = cfg(LISTENER + 'protocol = "http"\n', TABLE,
+                 "[limits]\nhttp_head_timeout = 2.5\nmax_http_head_size = 8192\n")
+    assert config.listeners[0].protocol == "http"
+    assert (config.limits.http_head_timeout, config.limits.max_http_head_size) == (2.5, 8192)
+
+
+def test_http_head_limits_default():
+    config = cfg(MINIMAL)
+    assert (config.limits.http_head_timeout, config.limits.max_http_head_size) == (5.0, 16384)
