@@ -111,7 +111,7 @@ async def test_install_serve_reload_stop_purge(box: Container, deb: Path, ca) ->
     assert c.run("sniproxy", "--version").stdout.strip() == f"sniproxy {VERSION}"
     c.run("sniproxy", "check", "-c", "/etc/sniproxy/config.toml")  # the shipped config is valid
     vendored = c.run("cat", f"/usr/share/doc/{PACKAGE}/vendored.txt").stdout
-    assert {"uvloop", "aiodns", "pycares", "structlog", "cachetools"} <= {
+    assert {"uvloop", "aiodns", "pycares", "structlog", "cachetools", "h11", "prometheus_client"} <= {
         line.rsplit("-", 1)[0] for line in vendored.split()}, vendored
     _link_kernel_headers(c)
 
