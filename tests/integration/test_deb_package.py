@@ -127,6 +127,10 @@ async def test_install_serve_reload_stop_purge(box: Container, deb: Path, ca) ->
         assert await who("127.0.0.1", port, "app.test", ctx) == "backend=a alpn=None"
         objects = kernel_objects(c.bpffs)
         assert "splice_verdict" in objects["progs"], objects
+        # The unit's User= is the user the package created: the proxy serves as it.
+        main_pid = (await asyncio.to_thread(c.show, "sniproxy", "MainPID"))["MainPID"]
+        status = (await asyncio.to_thread(c.run, "cat", f"/proc/{main_pid}/status")).stdout
+        assert re.search(rf"^Uid:\s+{user[2]}\s+{user[2]}\s+{user[2]}\s+{user[2]}$", status, re.M), status
         assert {"sock_map", "splice_slots", "dns_cache"} <= set(objects["maps"]), objects
 
         await asyncio.to_thread(c.write, "/etc/sniproxy/config.toml", _config(port, b.port))
