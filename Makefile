@@ -3,7 +3,7 @@ PY := .venv/bin/python
 CONFIG ?= config.toml
 PYTEST_ARGS ?=
 
-.PHONY: setup run test check bench fuzz install clean dashboard-png
+.PHONY: setup run test check bench fuzz install deb clean dashboard-png
 
 setup:
 	@bash scripts/setup.sh
@@ -48,5 +48,10 @@ fuzz: setup
 install: setup
 	bash scripts/install.sh
 
+# The Debian package sniproxy-ebpf_<version>_<arch>.deb in $(OUTDIR) (dpkg-buildpackage, debian/; docs/operations.md).
+OUTDIR ?= dist
+deb: setup
+	OUTDIR=$(abspath $(OUTDIR)) bash scripts/build-deb.sh
+
 clean:
-	rm -rf .venv .pytest_cache .hypothesis
+	rm -rf .venv .pytest_cache .hypothesis dist

@@ -7,7 +7,9 @@ set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 venv="$top/.venv"
 apt_packages=(python3 python3-venv python3-dev python3-bpfcc bpftool linux-headers-amd64 iproute2
-              procps openssl curl gcc make systemd-container)
+              procps openssl curl gcc make systemd-container
+              # `make deb` (dpkg-buildpackage) and its test's fresh Debian root (mmdebstrap).
+              dpkg-dev debhelper dh-python python3-all python3-pip mmdebstrap)
 # The metrics tests scrape the proxy with a real Prometheus server (and promtool), started from a
 # temp config on loopback; the packaged service is disabled (disable_packaged_prometheus) and its
 # recommended node exporter is not installed.

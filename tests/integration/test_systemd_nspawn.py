@@ -8,12 +8,8 @@ import asyncio
 import json
 import os
 import re
-import shutil
-import signal
 import socket
 import ssl
-import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -23,128 +19,12 @@ import pytest
 
 from tests.support import configs
 from tests.support.backends import TlsBackend, client_context, server_context, who
+from tests.support.nspawn import Container
+from tests.support.nspawn import bpftool as _bpftool
+from tests.support.nspawn import kernel_objects as _kernel_objects
+from tests.support.nspawn import low_free_port as _low_free_port
 
 REPO = Path(__file__).resolve().parents[2]
-# Host units enabled on this machine that would otherwise start inside the container (postgresql
-# would even bind the shared loopback).
-_MASK = ("postgresql.service", "e2scrub_reap.service", "systemd-timesyncd.service", "systemd-pstore.service",
-         "getty@tty1.service", "apt-daily.timer", "apt-daily-upgrade.timer", "dpkg-db-backup.timer",
-         "e2scrub_all.timer", "fstrim.timer", "man-db.timer")
-
-
-class Container:
-    """A booted systemd container. run() executes a command inside it (all its namespaces)."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.base = Path(tempfile.mkdtemp(prefix=f"{name}-", dir="/tmp"))
-        self.root = self.base / "root"
-        self.bpffs = self.base / "bpf"  # the container's /sys/fs/bpf, seen from the host
-        self._mounts: list[Path] = []
-        self.nspawn: subprocess.Popen[bytes] | None = None
-        self.pid = 0  # the container's systemd, as seen from the host
-
-    def _mount(self, *argv: str, target: Path) -> None:
-        subprocess.run(["mount", *argv, str(target)], check=True, capture_output=True)
-        self._mounts.append(target)
-
-    def start(self) -> Container:
-        self._mount("-t", "tmpfs", "-o", "size=2g,mode=0700", "tmpfs", target=self.base)
-        for d in ("upper", "work", "root", "bpf"):
-            (self.base / d).mkdir()
-        self._mount("-t", "overlay", "-o", f"lowerdir=/,upperdir={self.base}/upper,workdir={self.base}/work",
-                    "overlay", target=self.root)
-        # A new bpffs instance (pins stay private), mode 0700 root as systemd mounts /sys/fs/bpf: the
-        # service's unprivileged user cannot even look up paths in it once its capabilities are gone.
-        self._mount("-t", "bpf", "-o", "mode=0700", "bpf", target=self.bpffs)
-        argv = ["systemd-nspawn", "--boot", "--register=no", "--keep-unit", "--console=passive",
-                f"--machine={self.name}", "-D", str(self.root),
-                "--system-call-filter=bpf", "--capability=CAP_BPF,CAP_NET_ADMIN,CAP_PERFMON",
-                f"--bind={self.bpffs}:/sys/fs/bpf",
-                # The checkout is live: the overlay's lower layer must not change under it.
-                f"--bind-ro={REPO}", *(f"systemd.mask={u}" for u in _MASK)]
-        self.nspawn = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=open(self.base / "nspawn.log", "wb"),
-                                       stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.nspawn.poll() is not None:
-                raise AssertionError(f"systemd-nspawn exited: {self.log()}")
-            found = subprocess.run(["pgrep", "-P", str(self.nspawn.pid), "-x", "systemd"],
-                                   capture_output=True, text=True).stdout.split()
-            if found:
-                self.pid = int(found[0])
-                state = self.run("systemctl", "is-system-running", "--wait", check=False, timeout=60)
-                if state.stdout.strip() in ("running", "degraded"):
-                    return self
-            time.sleep(0.2)
-        raise AssertionError(f"container did not boot: {self.log()}")
-
-    def log(self) -> str:
-        path = self.base / "nspawn.log"
-        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
-
-    def run(self, *argv: str, check: bool = True, timeout: float = 120,
-            input: str | None = None) -> subprocess.CompletedProcess[str]:
-        res = subprocess.run(["nsenter", "-t", str(self.pid), "-a", *argv], capture_output=True, text=True,
-                             timeout=timeout, input=input)
-        if check and res.returncode != 0:
-            raise AssertionError(f"{' '.join(argv)} exited {res.returncode}:\n{res.stdout}\n{res.stderr}")
-        return res
-
-    def systemctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        res = self.run("systemctl", "--no-pager", *args, check=False)
-        if check and res.returncode != 0:
-            journal = self.run("journalctl", "-u", "sniproxy", "-n", "40", "--no-pager", check=False).stdout
-            raise AssertionError(f"systemctl {' '.join(args)} exited {res.returncode}:\n{res.stdout}\n"
-                                 f"{res.stderr}\njournal:\n{journal}")
-        return res
-
-    def show(self, unit: str, *props: str) -> dict[str, str]:
-        out = self.systemctl("show", unit, *(f"--property={p}" for p in props)).stdout
-        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-
-    def write(self, path: str, text: str) -> None:
-        self.run("sh", "-c", f"cat > {path}", input=text)
-
-    def close(self) -> None:
-        if self.nspawn is not None and self.nspawn.poll() is None:
-            self.nspawn.send_signal(signal.SIGTERM)  # systemd in the container: clean poweroff
-            try:
-                self.nspawn.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.nspawn.pid, signal.SIGKILL)
-                self.nspawn.wait(10)
-        for target in reversed(self._mounts):
-            res = subprocess.run(["umount", str(target)], capture_output=True)
-            if res.returncode != 0:
-                subprocess.run(["umount", "-l", str(target)], capture_output=True)
-        self._mounts.clear()
-        shutil.rmtree(self.base, ignore_errors=True)
-
-
-def _low_free_port() -> int:
-    """A free port below 1024 on loopback: the unit must bind it with CAP_NET_BIND_SERVICE only."""
-    for port in range(700, 1000):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                continue
-    raise AssertionError("no free port below 1024 on 127.0.0.1")
-
-
-def _bpftool(*args: str) -> object:
-    res = subprocess.run(["bpftool", "-j", *args], capture_output=True, text=True)
-    return json.loads(res.stdout) if res.returncode == 0 and res.stdout.strip() else None
-
-
-def _kernel_objects(bpffs: Path) -> dict[str, object]:
-    """IDs of the service's pinned maps and of the programs using them (from the host). IDs are not
-    reused soon, so "this ID no longer exists" later means the object was freed."""
-    maps = {p.name: _bpftool("map", "show", "pinned", str(p))["id"] for p in sorted((bpffs / "sniproxy").iterdir())}
-    progs = {p["name"]: p["id"] for p in _bpftool("prog", "show") if set(maps.values()) & set(p.get("map_ids", []))}
-    return {"maps": maps, "progs": progs}
 
 
 def _no_daemon_starts(box: Container) -> None:
@@ -163,7 +43,7 @@ def _purge_debian_sniproxy(box: Container) -> None:
 
 @pytest.fixture(scope="module")
 def container() -> Iterator[Container]:
-    box = Container(f"sniproxy-test-{os.getpid()}")
+    box = Container(f"sniproxy-test-{os.getpid()}", nspawn_args=[f"--bind-ro={REPO}"])
     try:
         box.start()
         # `make bench` installs Debian's C sniproxy on this machine (a peer it measures against), and
@@ -471,7 +351,7 @@ def test_install_beside_debians_sniproxy_package() -> None:
     ours beside theirs, and both units stay what they are."""
     debs = sorted(str(p) for p in DEBS.glob("*.deb"))
     assert any("/sniproxy_" in d for d in debs), f"no Debian sniproxy .deb in {DEBS}: run make setup"
-    box = Container(f"sniproxy-deb-{os.getpid()}")
+    box = Container(f"sniproxy-deb-{os.getpid()}", nspawn_args=[f"--bind-ro={REPO}"])
     try:
         box.start()
         # Installed from the real .deb (again, when this machine has it already: same result).
