@@ -10,6 +10,7 @@ import os
 import re
 import socket
 import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Iterator

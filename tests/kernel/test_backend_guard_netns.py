@@ -245,6 +245,9 @@ async def test_special_ranges_are_refused_on_a_real_route(routed, tmp_path):
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         local = writer.get_extra_info("sockname")[0]
         reached.append(local[7:] if local.startswith("::ffff:") and "." in local else local)
+        # Read the forwarded ClientHello first: closing with it unread would send an RST, and the
+        # access log would say backend_reset or closed depending on who was faster.
+        await reader.read(65536)
         writer.close()
 
     server = await asyncio.start_server(serve, sock=listen)
