@@ -273,6 +273,9 @@ class CopyPhase:
     def _reset(self, side: str) -> None:
         """side's socket failed. What it sent before is still delivered: the flow from it is flushed,
         then the other socket is closed (bounded by the idle timeout)."""
+        if self._reset_side is not None:
+            self.close()  # the other side failed too while its last bytes were being flushed
+            return
         if self.outcome is None:
             self.outcome = Outcome.CLIENT_RESET if side == "client" else Outcome.BACKEND_RESET
         self._reset_side = side
@@ -282,7 +285,7 @@ class CopyPhase:
 
     def _close_after_reset(self) -> None:
         from_failed = self.up if self._reset_side == "client" else self.down
-        if from_failed.pending is None or from_failed.dst_fd == -1:
+        if from_failed.pending is None:
             self.close()
 
     def _watch_idle(self) -> None:
