@@ -100,24 +100,35 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--mb-per-stream", type=int, default=300)
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {', '.join(MODES)}")
+    ap.add_argument("--queue-limit", type=int, default=None, metavar="MIB",
+                    help="splice mode's queue limit in MiB (default: the shipped one)")
+    ap.add_argument("--sndbuf", type=int, default=None, metavar="KIB",
+                    help="send buffer of handed-off sockets in KiB (default: the shipped one)")
+    ap.add_argument("--rcvbuf", type=int, default=None, metavar="KIB",
+                    help="receive buffer of handed-off sockets in KiB, 0 = autotuning (default: the shipped one)")
+    ap.add_argument("--streams", default="1,8", help="comma-separated stream counts (default 1,8)")
     args = ap.parse_args()
+    stream_counts = [int(n) for n in args.streams.split(",")]
     modes = [m for m in MODES if m in args.modes.split(",")]
     if "direct" not in modes:
         modes.insert(0, "direct")  # the ratios need it
     planes: dict[str, DataPlane] = {}
     try:
-        for mode, kwargs in (("splice", {}), ("ceiling", {"queue_limit": UNBOUNDED})):
+        shipped = {} if args.queue_limit is None else {"queue_limit": args.queue_limit << 20}
+        for mode, kwargs in (("splice", shipped), ("ceiling", {"queue_limit": UNBOUNDED})):
             if mode in modes:
                 planes[mode] = DataPlane.load(f"/sys/fs/bpf/sniproxy-bench-{os.getpid()}-{mode}", **kwargs)
 
         def run(mode: str, streams: int, size: int) -> tuple[float, float]:
             if mode == "direct":
                 return direct(streams, size)
-            relay = Relay() if mode == "copy" else Relay(planes[mode].splice_table)
+            sndbuf = None if args.sndbuf is None else args.sndbuf << 10
+            rcvbuf = None if args.rcvbuf is None else args.rcvbuf << 10
+            relay = Relay() if mode == "copy" else Relay(planes[mode].splice_table, sndbuf=sndbuf, rcvbuf=rcvbuf)
             return uvloop.run(asyncio.wait_for(proxied(relay, streams, size), 120))
 
         results: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
-        for streams in (1, 8):
+        for streams in stream_counts:
             size = args.mb_per_stream * 1_000_000 // (1 if streams == 1 else 4)
             for _ in range(args.reps):
                 for mode in modes:  # interleaved, so a noisy minute does not hit one mode only
@@ -130,7 +141,7 @@ def main() -> None:
         print(f"medians of {args.reps}; spread = (max - min) / median of the throughput")
         print(f"{'mode':13} {'streams':>7} {'MB/s':>7} {'spread':>7} {'x direct':>9} {'x copy':>7} "
               f"{'proxy CPU s/GB':>15} {'machine CPU s/GB':>17} {'x copy':>7}")
-        for streams in (1, 8):
+        for streams in stream_counts:
             def median(mode: str, i: int, n: int = streams) -> float:
                 return statistics.median(r[i] for r in results[(mode, n)])
             for mode in modes:

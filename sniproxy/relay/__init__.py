@@ -24,17 +24,19 @@ class Relay:
     then hand off at splice_after bytes (0: at once); a hand-off the kernel refuses keeps copying."""
 
     def __init__(self, table: object | None = None, *, splice_after: int = DEFAULT_SPLICE_AFTER,
-                 sndbuf: int | None = None) -> None:
+                 sndbuf: int | None = None, rcvbuf: int | None = None) -> None:
         self.table = table
         self.mode = "copy" if table is None else "splice"
         self.splice_after = splice_after
         self._buffer: bytearray | None = None
         self._watcher = None
         self._workers = (0, 1)
+        self._buffers = None
         if table is not None:
-            from .handoff import DEFAULT_SNDBUF
+            from .handoff import DEFAULT_SNDBUF, HANDOFF_RCVBUF
 
             self.sndbuf = DEFAULT_SNDBUF if sndbuf is None else sndbuf
+            self.rcvbuf = HANDOFF_RCVBUF if rcvbuf is None else rcvbuf
 
     def use_worker(self, index: int, workers: int = 1) -> None:
         """Called once in a worker process ([server] workers), after the fork, before relaying: pairs
@@ -93,9 +95,22 @@ class Relay:
         if copy.up.eof or copy.down.eof:
             return "a side half-closed before the hand-off"
         try:
-            return insert(self.table, copy.client, copy.backend, self.sndbuf)  # type: ignore[arg-type]
+            return insert(self.table, copy.client, copy.backend, self._buffer_sizes())  # type: ignore[arg-type]
         except Refused as exc:
             return str(exc)
+
+    def _buffer_sizes(self):  # noqa: ANN202
+        """Decided at the first hand-off of this process (after any privilege drop), logged once."""
+        if self._buffers is None:
+            import structlog
+
+            from .handoff import BufferSizes
+
+            self._buffers = BufferSizes.plan(self.sndbuf, self.rcvbuf)
+            structlog.get_logger("sniproxy.relay").info(
+                "splice_buffers", sndbuf=self._buffers.sndbuf, rcvbuf=self._buffers.rcvbuf,
+                note=self._buffers.note)
+        return self._buffers
 
     def _watcher_for(self, loop: asyncio.AbstractEventLoop):  # noqa: ANN202
         from .spliced import Watcher

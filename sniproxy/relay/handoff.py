@@ -17,13 +17,21 @@ from .copy import Flow
 from .spliced import TCP_INQ, written_total_exact
 
 _SO_SNDBUFFORCE = 32
-# Bytes left in a receive queue before insertion must be read whole; this bounds what one recv may
-# need (a short read means the queue was empty at that instant).
-READ_BUFFER = 4 << 20
-# Send buffer of a handed-off socket (SO_SNDBUFFORCE when allowed, else SO_SNDBUF up to wmem_max):
-# the psock backlog retries a full send buffer only after one jiffy (4 ms at HZ=250), so one stream
-# moves at most about this much per 4 ms (measured: 1 MiB 0.18-0.37x copy, 16 MiB 1.0-1.26x).
+_SO_RCVBUFFORCE = 33
+# Bytes left in a receive queue before insertion must be read whole, and a hold's bytes are peeked in
+# one call where they fit (relay.spliced): this bounds what one recv may need (a short read means the
+# queue was empty at that instant). Twice HANDOFF_RCVBUF's effect, which bounds what a hold leaves.
+READ_BUFFER = 8 << 20
+# Send buffer of a handed-off socket (the setsockopt value; the kernel doubles it): the psock backlog
+# retries a full send buffer only after one jiffy (4 ms at HZ=250), so one stream moves at most about
+# this much per 4 ms (measured: 1 MiB 0.18-0.37x copy, 16 MiB 1.0-1.26x).
 DEFAULT_SNDBUF = 16 << 20
+# Receive buffer of a handed-off socket (setsockopt value; 4 MiB in effect). The verdict frees what it
+# redirects at once, so the window never closes on its own; it closes when bytes the verdict held
+# back fill this buffer, and everything that arrives until then is the proxy's to copy. Autotuning
+# grows it to net.ipv4.tcp_rmem[2] (32 MiB on some hosts): measured, a hold then copied 30-70 MB;
+# at 4 MiB, 4-8 MB, and the kernel moved 85-93% of a bulk stream (docs/benchmarks.md).
+HANDOFF_RCVBUF = 2 << 20
 
 
 @dataclasses.dataclass
@@ -54,13 +62,69 @@ def read_waiting(sock: socket.socket, buffer: bytearray) -> tuple[bytes, bool]:
             return b"".join(chunks), False
 
 
-def prepare(sock: socket.socket, sndbuf: int | None) -> None:
+def _sysctl_ints(name: str) -> list[int]:
+    try:
+        with open(f"/proc/sys/{name.replace('.', '/')}") as f:
+            return [int(v) for v in f.read().split()]
+    except (OSError, ValueError):
+        return []
+
+
+@dataclasses.dataclass(frozen=True)
+class BufferSizes:
+    """What prepare() sets on a handed-off socket, decided once per process: a setsockopt value, or
+    None to leave the kernel's autotuning alone, and why (logged once by the relay)."""
+    sndbuf: int | None
+    rcvbuf: int | None
+    note: str
+
+    @classmethod
+    def plan(cls, sndbuf: int | None, rcvbuf: int | None) -> BufferSizes:
+        """Without CAP_NET_ADMIN a size is capped at net.core.{w,r}mem_max, and a locked buffer stops
+        autotuning: where the cap would lock a buffer below what autotuning reaches (tcp_{w,r}mem[2],
+        in effect twice the setsockopt value), autotuning is kept. With the capability, *BUFFORCE."""
+        privileged = _has_net_admin()
+        notes = []
+
+        def pick(name: str, want: int | None, core_max: str, tcp_mem: str) -> int | None:
+            if not want or privileged:
+                return want
+            cap = (_sysctl_ints(core_max) or [0])[0]
+            auto = (_sysctl_ints(tcp_mem) or [0, 0, 0])[-1]
+            if want <= cap:
+                return want
+            if cap * 2 >= auto:
+                notes.append(f"{name} capped at {core_max} = {cap}")
+                return cap
+            notes.append(f"{name} left to autotuning (up to {tcp_mem}[2] = {auto}): {core_max} = {cap} "
+                         f"would lock it lower, and {name}FORCE needs CAP_NET_ADMIN")
+            return None
+
+        snd = pick("SO_SNDBUF", sndbuf, "net.core.wmem_max", "net.ipv4.tcp_wmem")
+        rcv = pick("SO_RCVBUF", rcvbuf, "net.core.rmem_max", "net.ipv4.tcp_rmem")
+        return cls(snd, rcv, "; ".join(notes) or ("as configured (CAP_NET_ADMIN)" if privileged else "as configured"))
+
+
+def _has_net_admin() -> bool:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) & (1 << 12))
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+def prepare(sock: socket.socket, sizes: BufferSizes) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, TCP_INQ, 1)
-    if sndbuf:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, sndbuf)
-        except PermissionError:  # no CAP_NET_ADMIN: capped at net.core.wmem_max
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+    for size, force, plain in ((sizes.sndbuf, _SO_SNDBUFFORCE, socket.SO_SNDBUF),
+                               (sizes.rcvbuf, _SO_RCVBUFFORCE, socket.SO_RCVBUF)):
+        if size:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, force, size)
+            except PermissionError:  # the plan saw no CAP_NET_ADMIN only if it was lost since
+                sock.setsockopt(socket.SOL_SOCKET, plain, size)
 
 
 async def flush_waiting(loop: asyncio.AbstractEventLoop, flows: tuple[Flow, Flow], buffer: bytearray) -> None:
@@ -76,12 +140,12 @@ async def flush_waiting(loop: asyncio.AbstractEventLoop, flows: tuple[Flow, Flow
 
 
 def insert(table: SpliceTable, client: socket.socket, backend: socket.socket,
-           sndbuf: int | None) -> Inserted:
+           sizes: BufferSizes) -> Inserted:
     """Put the quiet pair into the kernel maps. Raises Refused (nothing changed that copying cares
     about: a socket left in sock_map alone reads through its psock like any socket)."""
     try:
-        prepare(client, sndbuf)
-        prepare(backend, sndbuf)
+        prepare(client, sizes)
+        prepare(backend, sizes)
         client_base, backend_base = written_total_exact(client), written_total_exact(backend)
         pair = table.add_pair(client, backend, a_toward=backend_base, b_toward=client_base)
     except SpliceError as exc:

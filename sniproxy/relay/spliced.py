@@ -200,11 +200,18 @@ class _Direction:
         """Forward what the verdict left on src, then let it redirect again (release). src is not read
         until the queue toward dst has drained (our writes must follow every redirected byte), so the
         held bytes stay in src's receive memory and its TCP window closes by itself meanwhile. The
-        release is exact: release_at == pass_bytes only when every passed byte is in dst's send queue."""
+        release is exact: release_at == pass_bytes only when every passed byte is in dst's send queue.
+
+        Held bytes are peeked, written, released, and only then taken off src's queue: taking them
+        frees receive memory and reopens the window, and a sender that refills it before the release
+        is also held. Released first, whatever arrives next is redirected behind our writes, so the
+        hold ends as soon as one peek saw every passed byte (reading first, we chased a sender that
+        never pauses: ~50 MB copied per hold). Peeking is safe once the verdict has run: from then on
+        src's own queue is always empty and every byte we see came through the psock."""
         loop = self.pair.loop
         slot = self.slot
         while True:
-            data = self._read()
+            data, peeked = self._read(peek=slot.rx_bytes > 0)
             if data is None:  # EAGAIN
                 if self.consumed < slot.pass_bytes or self.hung_up:
                     # passed bytes (or the EOF behind them) still on their way to the receive queue
@@ -217,14 +224,18 @@ class _Direction:
                 self.src_eof = True
                 return
             else:
+                n = len(data)
                 try:
                     await loop.sock_sendall(self.dst, data)
                 except OSError as e:
                     raise _Reset(self.pair.other(self.name)) from e
-                self.sent += len(data)
-                self.forwarded += len(data)
-                slot.toward_base += len(data)  # the verdict's in-flight count includes our writes
+                self.sent += n
+                self.forwarded += n
+                slot.toward_base += n  # the verdict's in-flight count includes our writes
                 self.pair.touch()
+                if peeked:
+                    slot.release_at = self.consumed + n
+                    self._take(n)
                 if self.consumed != slot.pass_bytes:
                     continue
             # Every byte the verdict left here is in dst's send queue: redirect again.
@@ -235,23 +246,47 @@ class _Direction:
             # may have redirected bytes in between that ours must follow.
             await self._wait_drained()
 
-    def _read(self) -> bytes | None:
+    def _read(self, peek: bool = False) -> tuple[bytes | None, bool]:
+        """(bytes, whether they were only peeked: passed bytes still at the head of src's queue),
+        (b"", False) at EOF, (None, False) when nothing is there."""
         buf = self.pair.buffer
         try:
-            n, ancdata, _flags, _addr = self.src.recvmsg_into([buf], socket.CMSG_SPACE(4))
+            n, ancdata, _flags, _addr = self.src.recvmsg_into(
+                [buf], socket.CMSG_SPACE(4), socket.MSG_PEEK if peek else 0)
         except (BlockingIOError, InterruptedError):
-            return None
+            return None, False
         except OSError as e:
             raise _Reset(self.name) from e
         if n == 0:
-            return b""
+            return b"", False
         # A TCP_CM_INQ control message means tcp_recvmsg read the socket's own queue: bytes that were
         # there before insertion. Bytes the verdict passed come through the psock without one.
         if any(level == socket.IPPROTO_TCP and kind == TCP_CM_INQ for level, kind, _ in ancdata):
+            if peek:  # cannot happen once the verdict ran (see _catch_up); take them as before
+                self._take(n, stale=True)
+            else:
+                self.stale += n
+            return bytes(buf[:n]), False
+        if not peek:
+            self.consumed += n
+        return bytes(buf[:n]), peek
+
+    def _take(self, n: int, stale: bool = False) -> None:
+        """Take n peeked bytes off src's queue (they are at its head: nothing else reads src)."""
+        view = memoryview(self.pair.buffer)
+        left = n
+        while left:
+            try:
+                got = self.src.recv_into(view[:left])
+            except OSError as e:
+                raise _Reset(self.name) from e
+            if got == 0:
+                raise _Reset(self.name)
+            left -= got
+        if stale:
             self.stale += n
         else:
             self.consumed += n
-        return bytes(buf[:n])
 
     async def _readable(self, timeout: float) -> None:
         loop = self.pair.loop
