@@ -97,7 +97,7 @@ int splice_verdict(struct __sk_buff *skb)
 {
 	struct traffic_stats *ts = traffic();
 	u32 len = skb->len;
-	u64 cookie, peer_key, passed, acked = 0;
+	u64 cookie, peer_key, passed, acked = 0, now, limit;
 	u32 *index;
 	u32 reason = 0;
 	struct splice_slot *slot;
@@ -128,7 +128,8 @@ int splice_verdict(struct __sk_buff *skb)
 		return SK_PASS;
 	}
 	ADD(slot->rx_bytes, len);
-	slot->last_ns = bpf_ktime_get_ns();
+	now = bpf_ktime_get_ns();
+	slot->last_ns = now;
 	passed = slot->pass_bytes;
 	if (passed != slot->release_at)
 		goto pass; /* userspace still forwards earlier bytes: stay behind them */
@@ -143,7 +144,15 @@ int splice_verdict(struct __sk_buff *skb)
 	if (tp)
 		read_kernel(&acked, sizeof(acked), (char *)tp + SNIPROXY_TCP_BYTES_ACKED_OFF);
 	bpf_sk_release(peer_sk);
-	if ((s64)(slot->toward_base + slot->redir_bytes - acked) > (s64)queue_limit()) {
+	if (now - slot->drain_ns >= SNIPROXY_DRAIN_SAMPLE_NS) {
+		slot->drain_fast = (acked - slot->drain_acked) * SNIPROXY_FAST_DRAIN_NS_PER_BYTE >= now - slot->drain_ns;
+		slot->drain_ns = now;
+		slot->drain_acked = acked;
+	}
+	limit = queue_limit();
+	if (slot->drain_fast)
+		limit *= SNIPROXY_FAST_DRAIN_FACTOR;
+	if ((s64)(slot->toward_base + slot->redir_bytes - acked) > (s64)limit) {
 		reason = SPLICE_HOLD_QUEUE;
 		ADD(ts->held_bytes, len);
 		ADD(ts->held_pkts, 1);

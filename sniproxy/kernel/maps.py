@@ -66,6 +66,9 @@ class SpliceSlot(ct.Structure):
         ("pass_bytes", ct.c_uint64),
         ("held_pkts", ct.c_uint64),
         ("last_ns", ct.c_uint64),
+        ("drain_ns", ct.c_uint64),
+        ("drain_acked", ct.c_uint64),
+        ("drain_fast", ct.c_uint64),
     ]
 
     def as_dict(self) -> dict[str, int]:

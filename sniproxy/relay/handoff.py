@@ -20,18 +20,18 @@ _SO_SNDBUFFORCE = 32
 _SO_RCVBUFFORCE = 33
 # Bytes left in a receive queue before insertion must be read whole, and a hold's bytes are peeked in
 # one call where they fit (relay.spliced): this bounds what one recv may need (a short read means the
-# queue was empty at that instant). Twice HANDOFF_RCVBUF's effect, which bounds what a hold leaves.
-READ_BUFFER = 8 << 20
+# queue was empty at that instant).
+# (8 MiB raised the slow-reader test's peak from 53 to 66 MiB: each read opens the window that much.)
+READ_BUFFER = 4 << 20
 # Send buffer of a handed-off socket (the setsockopt value; the kernel doubles it): the psock backlog
 # retries a full send buffer only after one jiffy (4 ms at HZ=250), so one stream moves at most about
 # this much per 4 ms (measured: 1 MiB 0.18-0.37x copy, 16 MiB 1.0-1.26x).
 DEFAULT_SNDBUF = 16 << 20
-# Receive buffer of a handed-off socket (setsockopt value; 4 MiB in effect). The verdict frees what it
-# redirects at once, so the window never closes on its own; it closes when bytes the verdict held
-# back fill this buffer, and everything that arrives until then is the proxy's to copy. Autotuning
-# grows it to net.ipv4.tcp_rmem[2] (32 MiB on some hosts): measured, a hold then copied 30-70 MB;
-# at 4 MiB, 4-8 MB, and the kernel moved 85-93% of a bulk stream (docs/benchmarks.md).
-HANDOFF_RCVBUF = 2 << 20
+# Receive buffer of a handed-off socket: None keeps autotuning. A smaller one would bound what a hold
+# copies (the window closes when held bytes fill it: at 4 MiB the kernel moved 85-93% of a bulk
+# stream), but a closed window stalls a stream for ~200 ms (relay.spliced._catch_up), so it stays
+# unset by default and the Relay's rcvbuf argument exists for measurement (bench/splice_throughput.py).
+HANDOFF_RCVBUF: int | None = None
 
 
 @dataclasses.dataclass
