@@ -17,13 +17,14 @@
  * acknowledged by its remote end (the psock queue plus the socket's send queue) above which the
  * verdict stops redirecting and leaves bytes with the source socket. */
 #define SNIPROXY_DEFAULT_QUEUE_LIMIT (24ULL << 20)
-/* A peer that drains fast may queue this many times the limit: one that acknowledged at least one
- * byte per SNIPROXY_FAST_DRAIN_NS_PER_BYTE ns (200 MB/s) over the last sample of at least
- * SNIPROXY_DRAIN_SAMPLE_NS. A sender faster than the kernel path fills any queue, and each hold
- * costs a userspace copy; the bound that matters, a slow reader's, keeps the plain limit. */
-#define SNIPROXY_FAST_DRAIN_FACTOR 2
-#define SNIPROXY_FAST_DRAIN_NS_PER_BYTE 5
+/* Toward a peer that drains fast the limit grows to what it acknowledged in the last
+ * SNIPROXY_DRAIN_ROOM_NS at the rate of the verdict's last sample (taken every
+ * SNIPROXY_DRAIN_SAMPLE_NS at most), up to SNIPROXY_DRAIN_MAX_FACTOR times the limit. A sender faster
+ * than the kernel path fills any queue and each hold costs a userspace copy; a slow reader, whose
+ * bound is the one that matters, keeps the plain limit. */
 #define SNIPROXY_DRAIN_SAMPLE_NS 10000000ULL
+#define SNIPROXY_DRAIN_ROOM_NS 80000000ULL
+#define SNIPROXY_DRAIN_MAX_FACTOR 8
 /* splice_slot.release_at value that keeps a direction in userspace until the proxy releases it. */
 #define SNIPROXY_HOLD_ALL 0xffffffffffffffffULL
 
@@ -74,7 +75,7 @@ struct splice_slot {
 	__u64 last_ns;       /* last byte received */
 	__u64 drain_ns;      /* when the verdict last sampled the peer's bytes_acked */
 	__u64 drain_acked;   /* the peer's bytes_acked then */
-	__u64 drain_fast;    /* 1: the peer drained at least 200 MB/s over that sample */
+	__u64 drain_room;    /* what the peer acknowledges in SNIPROXY_DRAIN_ROOM_NS at that sample's rate */
 };
 
 /* Knobs (splice_cfg, one slot), set by userspace. */

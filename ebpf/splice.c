@@ -145,13 +145,14 @@ int splice_verdict(struct __sk_buff *skb)
 		read_kernel(&acked, sizeof(acked), (char *)tp + SNIPROXY_TCP_BYTES_ACKED_OFF);
 	bpf_sk_release(peer_sk);
 	if (now - slot->drain_ns >= SNIPROXY_DRAIN_SAMPLE_NS) {
-		slot->drain_fast = (acked - slot->drain_acked) * SNIPROXY_FAST_DRAIN_NS_PER_BYTE >= now - slot->drain_ns;
+		slot->drain_room = (acked - slot->drain_acked) * SNIPROXY_DRAIN_ROOM_NS / (now - slot->drain_ns);
 		slot->drain_ns = now;
 		slot->drain_acked = acked;
 	}
 	limit = queue_limit();
-	if (slot->drain_fast)
-		limit *= SNIPROXY_FAST_DRAIN_FACTOR;
+	if (slot->drain_room > limit)
+		limit = slot->drain_room < limit * SNIPROXY_DRAIN_MAX_FACTOR ? slot->drain_room
+									      : limit * SNIPROXY_DRAIN_MAX_FACTOR;
 	if ((s64)(slot->toward_base + slot->redir_bytes - acked) > (s64)limit) {
 		reason = SPLICE_HOLD_QUEUE;
 		ADD(ts->held_bytes, len);

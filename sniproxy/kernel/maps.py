@@ -68,7 +68,7 @@ class SpliceSlot(ct.Structure):
         ("last_ns", ct.c_uint64),
         ("drain_ns", ct.c_uint64),
         ("drain_acked", ct.c_uint64),
-        ("drain_fast", ct.c_uint64),
+        ("drain_room", ct.c_uint64),
     ]
 
     def as_dict(self) -> dict[str, int]:
