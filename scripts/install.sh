@@ -91,6 +91,17 @@ else
 fi
 "$PREFIX/bin/sniproxy" check -c "$CONFDIR/config.toml" >&2 || log "warning: fix $CONFDIR/config.toml before starting"
 
+# The cap on send buffers the unprivileged workers may ask for (systemd/sniproxy-sysctl.conf), now and
+# at boot; raised only, never lowered below what the machine already allows.
+SYSCTLDIR=${SYSCTLDIR:-/etc/sysctl.d}
+install -d -m 0755 "$SYSCTLDIR"
+install -m 0644 "$top/systemd/sniproxy-sysctl.conf" "$SYSCTLDIR/30-sniproxy.conf"
+want=$(sed -n 's/^net.core.wmem_max = //p' "$top/systemd/sniproxy-sysctl.conf")
+if [ "$(cat /proc/sys/net/core/wmem_max)" -lt "$want" ]; then
+  sysctl -q -w net.core.wmem_max="$want" && log "raised net.core.wmem_max to $want"
+fi
+log "installed $SYSCTLDIR/30-sniproxy.conf"
+
 install -d -m 0755 "$UNITDIR"
 unit="$UNITDIR/$UNIT_NAME.service"
 sed -e "s|/opt/sniproxy|$PREFIX|g" -e "s|/etc/sniproxy|$CONFDIR|g" "$top/systemd/sniproxy.service" \

@@ -164,7 +164,19 @@ docs_venv() {
   echo "$want" > "$stamp"
 }
 
+# What `make install` and the package set at boot (systemd/sniproxy-sysctl.conf), here for this boot
+# only: `make run` and `make bench` run unprivileged workers like an installed proxy. Raised only.
+raise_wmem_max() {
+  local want
+  [ "$(id -u)" = 0 ] || return 0
+  want=$(sed -n 's/^net.core.wmem_max = //p' "$top/systemd/sniproxy-sysctl.conf")
+  if [ "$(cat /proc/sys/net/core/wmem_max)" -lt "$want" ]; then
+    sysctl -q -w net.core.wmem_max="$want" && log "raised net.core.wmem_max to $want (this boot)"
+  fi
+}
+
 install_packages
+raise_wmem_max
 disable_packaged_prometheus
 link_kernel_headers
 ensure_system_user

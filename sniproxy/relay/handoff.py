@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import socket
+from collections.abc import Callable
 
 from sniproxy.kernel.errors import SpliceError
 from sniproxy.kernel.splice import SplicedPair, SpliceTable
@@ -79,18 +80,20 @@ class BufferSizes:
     note: str
 
     @classmethod
-    def plan(cls, sndbuf: int | None, rcvbuf: int | None) -> BufferSizes:
+    def plan(cls, sndbuf: int | None, rcvbuf: int | None, *, privileged: bool | None = None,
+             sysctl: Callable[[str], list[int]] | None = None) -> BufferSizes:
         """Without CAP_NET_ADMIN a size is capped at net.core.{w,r}mem_max, and a locked buffer stops
         autotuning: where the cap would lock a buffer below what autotuning reaches (tcp_{w,r}mem[2],
         in effect twice the setsockopt value), autotuning is kept. With the capability, *BUFFORCE."""
-        privileged = _has_net_admin()
+        privileged = _has_net_admin() if privileged is None else privileged
+        sysctl = sysctl or _sysctl_ints
         notes = []
 
         def pick(name: str, want: int | None, core_max: str, tcp_mem: str) -> int | None:
             if not want or privileged:
                 return want
-            cap = (_sysctl_ints(core_max) or [0])[0]
-            auto = (_sysctl_ints(tcp_mem) or [0, 0, 0])[-1]
+            cap = (sysctl(core_max) or [0])[0]
+            auto = (sysctl(tcp_mem) or [0, 0, 0])[-1]
             if want <= cap:
                 return want
             if cap * 2 >= auto:

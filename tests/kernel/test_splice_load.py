@@ -228,3 +228,43 @@ async def test_eight_fast_streams_all_splice_and_finish(relay, dataplane: DataPl
             if proc is not None:
                 proc.kill()
                 proc.wait()
+
+
+async def test_holds_toward_a_fast_reader_end_and_keep_every_byte(relay, dataplane: DataPlane) -> None:
+    """A 1 MiB queue limit makes the verdict hold again and again while a fast sink reads: every hold
+    must end (the kernel carries bytes again after it: the last round is peeked, written, released,
+    then taken) and the stream arrives whole and in order. (Holds copy a lot here, the source's whole
+    receive window each: what the kernel moves between them is the benchmark's business.)"""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("endpoints", ENDPOINTS)
+    endpoints = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(endpoints)
+    dataplane.set_queue_limit(1 << 20)
+    size = 300_000_000
+    loop = asyncio.get_running_loop()
+    sink = subprocess.Popen([sys.executable, str(ENDPOINTS), "sink", "--conns", "1", "--sha256"],
+                            stdout=subprocess.PIPE, text=True)
+    source = None
+    cl = listener()
+    try:
+        port = json.loads(sink.stdout.readline())["port"]
+        source = subprocess.Popen([sys.executable, str(ENDPOINTS), "source", "--port", str(cl.getsockname()[1]),
+                                   "--conns", "1", "--bytes", str(size)], stdout=subprocess.PIPE, text=True)
+        proxy_client, first, proxy_backend = await _accept_hello_connect(cl, port)
+        before = dataplane.traffic()
+        result = await asyncio.wait_for(relay.relay(proxy_client, proxy_backend, first, 30), 120)
+        after = dataplane.traffic()
+        done = json.loads(await asyncio.wait_for(loop.run_in_executor(None, sink.stdout.readline), 30))
+        assert done["sha256"] == [hashlib.sha256(b"HELLO\n" + endpoints.stream_bytes(size)).hexdigest()]
+        assert (result.mode, result.outcome, result.bytes_up) == ("splice", Outcome.CLOSED, 6 + size)
+        # A hold starts only while the kernel redirects: a second one means the first ended.
+        holds = after.held_pkts - before.held_pkts
+        assert holds >= 3, f"{holds} holds: the earlier ones never ended, or the limit never bit"
+        assert 0 < result.kernel_up < size, result
+    finally:
+        cl.close()
+        for proc in (sink, source):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
