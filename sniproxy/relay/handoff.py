@@ -24,10 +24,12 @@ _SO_RCVBUFFORCE = 33
 # queue was empty at that instant).
 # (8 MiB raised the slow-reader test's peak from 53 to 66 MiB: each read opens the window that much.)
 READ_BUFFER = 4 << 20
-# Send buffer of a handed-off socket (the setsockopt value; the kernel doubles it): the psock backlog
-# retries a full send buffer only after one jiffy (4 ms at HZ=250), so one stream moves at most about
-# this much per 4 ms (measured: 1 MiB 0.18-0.37x copy, 16 MiB 1.0-1.26x).
-DEFAULT_SNDBUF = 16 << 20
+# Send buffer of a handed-off socket (the setsockopt value; the kernel doubles it, so 16 MiB in effect):
+# the psock backlog retries a full send buffer only after one jiffy (4 ms at HZ=250), so one stream
+# moves at most about a buffer per 4 ms (measured: 1 MiB 0.18-0.37x copy, 16 MiB 1.0-1.26x); 16 MiB
+# per 4 ms is 4 GB/s, above one loopback stream here. Not more: the queue limit (24 MiB) counts the
+# send queue too, and a bigger buffer would make the verdict hold whenever the reader lags a little.
+DEFAULT_SNDBUF = 8 << 20
 # Receive buffer of a handed-off socket: None keeps autotuning. A smaller one would bound what a hold
 # copies (the window closes when held bytes fill it: at 4 MiB the kernel moved 85-93% of a bulk
 # stream), but a closed window stalls a stream for ~200 ms (relay.spliced._catch_up), so it stays

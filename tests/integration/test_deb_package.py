@@ -110,7 +110,7 @@ async def test_install_serve_reload_stop_purge(box: Container, deb: Path, ca) ->
     assert (res.returncode, res.stderr) == (0, "")
     assert c.run("sniproxy", "--version").stdout.strip() == f"sniproxy {VERSION}"
     # The send-buffer cap for the unprivileged workers, applied at boot by systemd-sysctl.
-    assert "net.core.wmem_max = 16777216" in c.run("cat", "/usr/lib/sysctl.d/30-sniproxy.conf").stdout
+    assert "net.core.wmem_max = 8388608" in c.run("cat", "/usr/lib/sysctl.d/30-sniproxy.conf").stdout
     c.run("sniproxy", "check", "-c", "/etc/sniproxy/config.toml")  # the shipped config is valid
     vendored = c.run("cat", f"/usr/share/doc/{PACKAGE}/vendored.txt").stdout
     assert {"uvloop", "aiodns", "pycares", "structlog", "cachetools", "h11", "prometheus_client"} <= {

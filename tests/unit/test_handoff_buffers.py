@@ -22,9 +22,9 @@ def test_with_cap_net_admin_every_size_is_forced():
 
 
 def test_unprivileged_under_the_cap_gets_what_it_asks():
-    # What systemd/sniproxy-sysctl.conf sets up: net.core.wmem_max = 16 MiB.
-    sizes = BufferSizes.plan(16 * MiB, None, privileged=False, sysctl=sysctls(16 * MiB))
-    assert (sizes.sndbuf, sizes.rcvbuf, sizes.note) == (16 * MiB, None, "as configured")
+    # What systemd/sniproxy-sysctl.conf sets up: net.core.wmem_max = 8 MiB, the default send buffer.
+    sizes = BufferSizes.plan(8 * MiB, None, privileged=False, sysctl=sysctls(8 * MiB))
+    assert (sizes.sndbuf, sizes.rcvbuf, sizes.note) == (8 * MiB, None, "as configured")
 
 
 def test_a_cap_at_least_half_of_autotuning_is_used_and_said():
