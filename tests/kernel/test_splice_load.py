@@ -143,12 +143,13 @@ async def test_slow_reader_keeps_tcp_memory_bounded(relay, dataplane: DataPlane)
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "issue 3 (blocked, see docs/benchmarks.md): one sender that never pauses outruns the psock's "
-    "redirect queue; once the queue limit holds the direction, userspace never finds it empty again "
-    "and copies the rest (measured 0.45-0.65 s of proxy CPU per GB for 1 stream; 8 streams: "
-    "0.05-0.18). With no queue limit (the 'ceiling' of bench/splice_throughput.py) it is 0.01-0.02, "
-    "but kernel memory is then unbounded. Strict: this fails the suite the day the kernel carries a "
-    "single stream within the memory bound."))
+    "issue 12: one sender that never pauses outruns the psock's redirect queue; each time the queue "
+    "limit holds the direction, userspace copies until the sender's window closes (reading through "
+    "the psock sends no window update on 6.18, so the window is left to autotuning rather than "
+    "closed early: a closed one stalls ~200 ms). Measured 2026-12-03: 0.11-0.22 s of proxy CPU per "
+    "GB (12-25% of wall) for 1 stream, down from 0.45-0.65; the 'ceiling' of "
+    "bench/splice_throughput.py (no limit) is 0.01-0.02, with kernel memory unbounded. Strict: this "
+    "fails the suite the day the kernel carries a single stream within the memory bound."))
 async def test_proxy_cpu_is_small_while_kernel_splices(relay, dataplane: DataPlane) -> None:
     """1 GB through one spliced connection; endpoints run in another process. The proxy process's
     CPU time stays under 5% of the wall time."""
