@@ -242,11 +242,13 @@ class _Direction:
                 if peeked:
                     slot.release_at = self.consumed + n
                     self._take(n)
+                    self._ack_now()
                 if self.consumed != slot.pass_bytes:
                     continue
             # Every byte the verdict left here is in dst's send queue: redirect again.
             slot.release_at = self.consumed
             if slot.pass_bytes == self.consumed:
+                self._ack_now()
                 return
             # A byte was left to us between the check and the release: the verdict still holds, and
             # may have redirected bytes in between that ours must follow.
@@ -290,6 +292,13 @@ class _Direction:
         if not peek:
             self.consumed += n
         return bytes(buf[:n]), peek
+
+    def _ack_now(self) -> None:
+        """Send the window update the take made room for now rather than with the delayed ACK
+        (TCP_QUICKACK acts on an ACK that is pending): a sender whose window a hold closed restarts
+        at once instead of 40 ms later (measured with a psock holding everything)."""
+        with contextlib.suppress(OSError):
+            self.src.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
 
     def _take(self, n: int, stale: bool = False) -> None:
         """Take n peeked bytes off src's queue (they are at its head: nothing else reads src)."""
