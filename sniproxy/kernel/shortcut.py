@@ -2,7 +2,8 @@
 # program to one cgroup v2 directory and its sk_msg program to shortcut_socks, pins the maps under
 # pin_dir, and gives the relay two calls per connection: register() before the backend connect(),
 # release() once both sockets are closed. Invariant: while a ShortcutMaps is open both programs are
-# attached; after close() nothing of it is attached to the cgroup or pinned (a test checks bpftool).
+# attached; after close() nothing of it is attached to the cgroup or pinned (a test checks bpftool),
+# and a proxy that dies leaves nothing attached either (the cgroup attachment is a bpf_link).
 from __future__ import annotations
 
 import contextlib
@@ -27,8 +28,8 @@ EXPECTED, CAPTURED, REFUSED = 0, 1, 2
 
 _BPF_CGROUP_SOCK_OPS = 3
 _BPF_SK_MSG_VERDICT = 7
-# Other programs (systemd's, another proxy's) may sit on the same cgroup: attach beside them.
-_BPF_F_ALLOW_MULTI = 2
+_NR_BPF = 321  # x86_64
+_BPF_LINK_CREATE = 28
 
 
 class ShortcutKey(ct.Structure):
@@ -135,6 +136,7 @@ class ShortcutMaps:
         self.pin_dir = pin_dir
         self._lib = _lib()
         self._cgroup_fd = -1
+        self._link_fd = -1
         self._attached: list[tuple[int, int, int]] = []  # (prog fd, target fd, attach type)
         self._pins: PinDir | None = None
         self._closed = False
@@ -200,8 +202,17 @@ class ShortcutMaps:
             self._cgroup_fd = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as e:
             raise KernelError(f"opening the cgroup {self.cgroup} failed", e.strerror or str(e)) from e
-        self._attach_one(ops.fd, self._cgroup_fd, _BPF_CGROUP_SOCK_OPS, _BPF_F_ALLOW_MULTI,
-                         f"shortcut_ops to the cgroup {self.cgroup}")
+        # Through a bpf_link held by this process (and inherited by forked workers): closing it, or
+        # the process dying even by SIGKILL, detaches the program; a legacy cgroup attachment would
+        # outlive the proxy, and after the privilege drop it could no longer detach it.
+        attr = (ct.c_uint32 * 16)()
+        attr[0], attr[1], attr[2], attr[3] = ops.fd, self._cgroup_fd, _BPF_CGROUP_SOCK_OPS, 0
+        libc = ct.CDLL(None, use_errno=True)
+        fd = libc.syscall(_NR_BPF, _BPF_LINK_CREATE, ct.byref(attr), ct.sizeof(attr))
+        if fd < 0:
+            raise KernelError(f"attaching shortcut_ops to the cgroup {self.cgroup} failed",
+                              os.strerror(ct.get_errno()))
+        self._link_fd = fd
         self.prog_ids = {"shortcut_msg": _prog_id(msg.fd), "shortcut_ops": _prog_id(ops.fd)}
 
     def _attach_one(self, prog_fd: int, target_fd: int, kind: int, flags: int, what: str) -> None:
@@ -280,6 +291,9 @@ class ShortcutMaps:
         for prog_fd, target_fd, kind in reversed(self._attached):
             self._lib.bpf_prog_detach2(prog_fd, target_fd, kind)
         self._attached.clear()
+        if self._link_fd >= 0:
+            os.close(self._link_fd)
+            self._link_fd = -1
         if self._cgroup_fd >= 0:
             os.close(self._cgroup_fd)
             self._cgroup_fd = -1

@@ -110,6 +110,9 @@ class CopyPhase:
         self._done: asyncio.Future[str] | None = None
         self._idle: asyncio.TimerHandle | None = None
         self._reset_side: str | None = None
+        # Bytes that bypass this engine (the local-backend short-circuit) still count as activity:
+        # returns their last time.monotonic(), or None.
+        self.activity: Callable[[], float | None] | None = None
 
     # -- running -----------------------------------------------------------------------------------
     async def run(self, first: bytes = b"") -> str:
@@ -290,6 +293,11 @@ class CopyPhase:
 
     def _watch_idle(self) -> None:
         remaining = self.last_activity + self.idle_timeout - time.monotonic()
+        if remaining <= 0 and self.activity is not None:
+            elsewhere = self.activity()
+            if elsewhere is not None and elsewhere > self.last_activity:
+                self.last_activity = elsewhere
+                remaining = self.last_activity + self.idle_timeout - time.monotonic()
         if remaining > 0:
             self._idle = self.loop.call_later(remaining, self._watch_idle)
             return
