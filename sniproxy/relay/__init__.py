@@ -70,9 +70,9 @@ class Relay:
             # Both sockets are closed by now (or on the way out with an exception): release.
             finished = self.shortcut.finish(ticket)  # type: ignore[attr-defined]
         result.shortcut = finished.captured
-        result.shortcut_bytes = finished.bytes
+        result.shortcut_bytes = finished.moved(ticket, result.bytes_down)
         result.shortcut_fallback = finished.reason
-        result.bytes_down += finished.bytes
+        result.bytes_down += result.shortcut_bytes
         return result
 
     async def _relay(self, client: socket.socket, backend: socket.socket, first: bytes,
@@ -82,6 +82,7 @@ class Relay:
         copy = CopyPhase(loop, client, backend, idle_timeout, handoff_at)
         if ticket is not None:
             copy.activity = ticket.last_activity
+            copy.on_close = lambda: ticket.measure(client, copy.down.shut)
         fallback: str | None = None
         try:
             how = await copy.run(first)
@@ -93,7 +94,7 @@ class Relay:
                     copy.handoff_at = None
                     how = await copy.run()
                     continue
-                return await self._run_spliced(loop, copy, spliced, idle_timeout)
+                return await self._run_spliced(loop, copy, spliced, idle_timeout, ticket)
         except BaseException:
             copy.close(abort=True)
             raise
@@ -129,7 +130,7 @@ class Relay:
         return self._watcher
 
     async def _run_spliced(self, loop: asyncio.AbstractEventLoop, copy: CopyPhase, inserted,  # noqa: ANN001
-                           idle_timeout: float) -> RelayResult:
+                           idle_timeout: float, ticket=None) -> RelayResult:  # noqa: ANN001
         from .spliced import SplicedConnection
 
         assert self._buffer is not None
@@ -140,6 +141,8 @@ class Relay:
             await conn.run(watcher, idle_timeout)
         finally:
             copy.closed = True
+            if ticket is not None:
+                ticket.measure(copy.client, conn.down.finished)
             copy.client.close()
             copy.backend.close()
             # The counters live in the slots until they are reused: read them before giving them back.

@@ -113,6 +113,9 @@ class CopyPhase:
         # Bytes that bypass this engine (the local-backend short-circuit) still count as activity:
         # returns their last time.monotonic(), or None.
         self.activity: Callable[[], float | None] | None = None
+        # Called once just before the sockets are closed (the short-circuit reads the client's
+        # counters there).
+        self.on_close: Callable[[], None] | None = None
 
     # -- running -----------------------------------------------------------------------------------
     async def run(self, first: bytes = b"") -> str:
@@ -317,6 +320,8 @@ class CopyPhase:
             return
         self.detach()
         self.closed = True
+        if self.on_close is not None:
+            self.on_close()
         for sock in (self.client, self.backend):
             if abort:
                 with contextlib.suppress(OSError):

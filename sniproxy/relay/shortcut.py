@@ -15,16 +15,31 @@ import structlog
 
 from sniproxy.kernel.errors import SpliceError
 
+from .spliced import written_total
+
 log = structlog.get_logger("sniproxy.relay")
 
 
 @dataclasses.dataclass
 class Ticket:
-    """One registered connection (kernel Registration), until Shortcut.finish()."""
+    """One registered connection (kernel Registration), until Shortcut.finish(). The bytes that went
+    the short way are measured on the client socket (everything put into its send stream, minus
+    what the relay wrote to it itself): the sk_msg program's own counter counts a message again when
+    a non-blocking backend resends the part the client's full send buffer refused."""
 
     registration: object
     maps: object
+    client_base: int  # written_total(client) at registration
+    client_end: int | None = None  # written_total(client) just before the relay closed it
     done: bool = False
+
+    def measure(self, client: socket.socket, fin_sent: bool) -> None:
+        """Called by the relay just before it closes the client socket; fin_sent: it shut the
+        client's sending side (the FIN takes one sequence number, counted like a byte)."""
+        try:
+            self.client_end = written_total(client) - (1 if fin_sent else 0)
+        except OSError:
+            pass
 
     def last_activity(self) -> float | None:
         """time.monotonic() of the last byte the kernel redirected, or None: the copy engine's idle
@@ -38,8 +53,15 @@ class Ticket:
 @dataclasses.dataclass(frozen=True)
 class Finished:
     captured: bool
-    bytes: int  # backend -> client bytes the kernel redirected
     reason: str | None  # why a registered connection was not captured
+    offered: int = 0  # the sk_msg program's count (see Ticket)
+
+    def moved(self, ticket: Ticket, other_paths: int) -> int:
+        """Backend -> client bytes that went the short way: what entered the client's send stream
+        minus what the relay's other paths (copy, egress splice) put there."""
+        if not self.captured or ticket.client_end is None:
+            return 0
+        return max(0, ticket.client_end - ticket.client_base - other_paths)
 
 
 class Shortcut:
@@ -73,30 +95,35 @@ class Shortcut:
             reason = f"registering the connection failed: {exc}"
             self._once("shortcut_register_failed", reason=reason)
             return reason
-        return Ticket(registration, self.maps)
+        try:
+            base = written_total(client)
+        except OSError as exc:
+            self.maps.release(registration)  # type: ignore[attr-defined]
+            return f"reading the client socket's counters failed: {exc.strerror or exc}"
+        return Ticket(registration, self.maps, base)
 
     def finish(self, ticket: Ticket) -> Finished:
         """After both sockets are closed: read the counters, delete the entries."""
         if ticket.done:
-            return Finished(False, 0, "released twice")
+            return Finished(False, "released twice")
         ticket.done = True
         try:
             conn = self.maps.release(ticket.registration)  # type: ignore[attr-defined]
         except OSError as exc:
             self._once("shortcut_release_failed", reason=str(exc))
-            return Finished(False, 0, f"reading the counters failed: {exc}")
+            return Finished(False, f"reading the counters failed: {exc}")
         from sniproxy.kernel.shortcut import CAPTURED, EXPECTED
 
         if conn is None:
-            return Finished(False, 0, "the registration was gone")
+            return Finished(False, "the registration was gone")
         if conn.state == CAPTURED:
-            return Finished(True, conn.redir_bytes, None)
+            return Finished(True, None, conn.redir_bytes)
         if conn.state == EXPECTED:
             # The backend never accepted through the cgroup's sock_ops: it is not in the cgroup (or a
             # listener it made before the program was attached sits elsewhere).
             reason = f"the backend's socket was not seen in {self.cgroup}"
             self._once("shortcut_not_seen", reason=reason)
-            return Finished(False, 0, reason)
+            return Finished(False, reason)
         import errno as _errno
         import os
 

@@ -1,0 +1,94 @@
+# Throwaway cgroup v2 directories for the short-circuit tests: made under the cgroup2 mount found in
+# /proc/mounts (the hybrid layout here mounts it at /sys/fs/cgroup/unified), named per test run so
+# concurrent runs in other worktrees never share one, and always removed (processes moved out first).
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+
+from sniproxy.kernel.shortcut import cgroup2_mounts
+
+_RUN = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
+_counter = itertools.count()
+
+
+def root() -> str:
+    mounts = cgroup2_mounts()
+    assert mounts, "no cgroup2 hierarchy mounted (no cgroup2 line in /proc/mounts)"
+    return mounts[0]
+
+
+def own_cgroup() -> str:
+    """This process's cgroup v2 directory."""
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            if line.startswith("0::"):
+                return os.path.join(root(), line.strip()[3:].lstrip("/"))
+    raise AssertionError("no cgroup v2 line in /proc/self/cgroup")
+
+
+def pids(path: str) -> list[int]:
+    with open(os.path.join(path, "cgroup.procs")) as f:
+        return [int(p) for p in f.read().split()]
+
+
+def move(pid: int, path: str) -> None:
+    with open(os.path.join(path, "cgroup.procs"), "w") as f:
+        f.write(str(pid))
+
+
+@contextlib.contextmanager
+def temporary(label: str = "sc") -> Iterator[str]:
+    """A fresh cgroup for the block; on the way out every process left in it is moved back to this
+    process's cgroup (and killed if it was a child the test forgot), then it is removed."""
+    path = os.path.join(root(), f"sniproxy-test-{label}-{_RUN}-{next(_counter)}")
+    home = own_cgroup()
+    os.mkdir(path)
+    try:
+        yield path
+    finally:
+        for _ in range(50):
+            left = pids(path)
+            if not left:
+                break
+            for pid in left:
+                with contextlib.suppress(OSError):
+                    move(pid, home)
+            time.sleep(0.02)
+        os.rmdir(path)
+        assert not os.path.exists(path)
+
+
+@contextlib.contextmanager
+def inside(path: str) -> Iterator[None]:
+    """Run the block with this process in cgroup `path` (sockets made meanwhile belong to it), then
+    move back: a listener created here puts its accepted sockets under path's sock_ops programs."""
+    home = own_cgroup()
+    move(os.getpid(), path)
+    try:
+        yield
+    finally:
+        move(os.getpid(), home)
+
+
+def spawn(path: str, argv: list[str], **kwargs) -> subprocess.Popen:  # noqa: ANN003
+    """Start argv as a process in cgroup `path` from its first instruction (it moves itself in
+    before exec), as a systemd service would be."""
+    return subprocess.Popen(["/bin/sh", "-c", f'echo $$ > "{path}/cgroup.procs" && exec "$@"', "sh", *argv],
+                            **kwargs)
+
+
+def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
