@@ -147,3 +147,233 @@ async def test_download_goes_by_the_shortcut_byte_exact(relay: Relay, cgroup: st
     assert after.redir_bytes - before.redir_bytes >= len(reply)
     cl.close()
     bl.close()
+
+
+async def test_capture_happens_before_accept_returns(relay: Relay, cgroup: str,
+                                                     shortcut_maps: ShortcutMaps) -> None:
+    """The order invariant: the sock_ops program captures the backend's socket when it becomes
+    ESTABLISHED, before the backend can accept() it, so no byte of a captured connection can take
+    the loopback path ahead of a redirected one. A backend that speaks first (before reading
+    anything) still has every byte redirected, none over loopback."""
+    cl, bl = client_listener(), backend_listener(cgroup)
+    greeting = payload(7, 3_000_000)
+    seen_states = []
+
+    async def speak_first(backend: socket.socket) -> None:
+        regs = {key_text(k)[1]: c for k, c in shortcut_maps.registered()}
+        seen_states.append(next(iter(regs.values())).state if len(regs) == 1 else None)
+        asyncio.get_running_loop().create_task(send_stream(backend, greeting, shut=False))
+
+    for _ in range(20):
+        pair = await open_pair(relay, cl, bl, before_relay=speak_first)
+        got = await recv_stream(pair.client, len(greeting))
+        assert got == (len(greeting), sha(greeting))
+        pair.client.shutdown(socket.SHUT_WR)
+        await recv_stream(pair.backend)
+        pair.backend.shutdown(socket.SHUT_WR)
+        result = await asyncio.wait_for(pair.task, 10)
+        pair.close()
+        assert result.shortcut and result.shortcut_bytes == len(greeting) == result.bytes_down, result
+    assert seen_states == [CAPTURED] * 20
+    cl.close()
+    bl.close()
+
+
+async def test_half_close_client_first(relay: Relay, cgroup: str) -> None:
+    """Request, client FIN (passed to the backend over loopback by the relay), then the reply by the
+    short-circuit, then the backend's FIN, which arrives after its last byte."""
+    cl, bl = client_listener(), backend_listener(cgroup)
+    pair = await open_pair(relay, cl, bl)
+    request = payload(3, 2_000_000)
+    await send_stream(pair.client, request)  # ends with shutdown(SHUT_WR)
+    got = await asyncio.wait_for(recv_stream(pair.backend), 10)
+    assert got == (len(pair.first) + len(request), sha(pair.first + request))
+    reply = payload(4, 20_000_000)
+    _, got_reply = await asyncio.gather(send_stream(pair.backend, reply), recv_stream(pair.client))
+    assert got_reply == (len(reply), sha(reply))
+    result = await asyncio.wait_for(pair.task, 10)
+    pair.close()
+    assert result.outcome is Outcome.CLOSED and result.shortcut
+    assert (result.bytes_up, result.bytes_down, result.shortcut_bytes) == (got[0], len(reply), len(reply))
+    cl.close()
+    bl.close()
+
+
+async def test_half_close_backend_first(relay: Relay, cgroup: str) -> None:
+    """The backend replies and sends its FIN; the client then still uploads, and the backend gets it."""
+    cl, bl = client_listener(), backend_listener(cgroup)
+    pair = await open_pair(relay, cl, bl)
+    reply = payload(5, 20_000_000)
+    _, got_reply = await asyncio.gather(send_stream(pair.backend, reply), recv_stream(pair.client))
+    assert got_reply == (len(reply), sha(reply))  # EOF came after the last byte
+    upload = payload(6, 5_000_000)
+    _, got_up = await asyncio.gather(send_stream(pair.client, upload), recv_stream(pair.backend))
+    assert got_up == (len(pair.first) + len(upload), sha(pair.first + upload))
+    result = await asyncio.wait_for(pair.task, 10)
+    pair.close()
+    assert result.outcome is Outcome.CLOSED and result.shortcut
+    assert (result.bytes_down, result.shortcut_bytes) == (len(reply), len(reply))
+    cl.close()
+    bl.close()
+
+
+def _abort(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    sock.close()
+
+
+async def test_backend_reset_mid_transfer(relay: Relay, cgroup: str) -> None:
+    """The backend's RST comes over the loopback connection: the relay ends the client's connection
+    (what the backend sent before is delivered) and logs backend_reset; nothing hangs."""
+    cl, bl = client_listener(), backend_listener(cgroup)
+    pair = await open_pair(relay, cl, bl)
+    part = payload(8, 8_000_000)
+    _, got = await asyncio.gather(send_stream(pair.backend, part, shut=False),
+                                  recv_stream(pair.client, len(part)))
+    assert got == (len(part), sha(part))
+    _abort(pair.backend)
+    result = await asyncio.wait_for(pair.task, 10)
+    try:  # the copy engine ends it with a FIN after what came before, the splice phase with a RST
+        rest = await asyncio.wait_for(recv_stream(pair.client), 10)
+        assert rest[0] == 0
+    except ConnectionResetError:
+        pass
+    pair.client.close()
+    assert result.outcome is Outcome.BACKEND_RESET and result.shortcut
+    assert result.shortcut_bytes == len(part)
+    cl.close()
+    bl.close()
+
+
+async def test_client_reset_mid_transfer(relay: Relay, cgroup: str, shortcut_maps: ShortcutMaps) -> None:
+    """The client resets while the backend streams: the backend's sends fail (the redirect finds no
+    client socket: EACCES; or, once the relay released the connection, the loopback path meets the
+    proxy's closed socket: a reset). Never a silent loss: the backend must see an error."""
+    cl, bl = client_listener(), backend_listener(cgroup)
+    pair = await open_pair(relay, cl, bl)
+    loop = asyncio.get_running_loop()
+    sent = 0
+    error: OSError | None = None
+
+    async def stream() -> None:
+        nonlocal sent, error
+        chunk = payload(9, 1 << 20)
+        try:
+            while True:
+                await loop.sock_sendall(pair.backend, chunk)
+                sent += len(chunk)
+        except OSError as exc:
+            error = exc
+
+    streamer = asyncio.create_task(stream())
+    received = 0
+    while received < 4_000_000:
+        received += len(await loop.sock_recv(pair.client, 1 << 20))
+    _abort(pair.client)
+    result = await asyncio.wait_for(pair.task, 10)
+    await asyncio.wait_for(streamer, 10)
+    pair.backend.close()
+    assert error is not None and error.errno in (errno.EACCES, errno.ECONNRESET, errno.EPIPE), error
+    assert result.outcome is Outcome.CLIENT_RESET and result.shortcut
+    assert sent >= received
+    cl.close()
+    bl.close()
+
+
+async def test_nonblocking_backend_facing_a_slow_client(relay: Relay, cgroup: str) -> None:
+    """A non-blocking backend (this test's own socket, as nginx's) against a client that reads
+    slowly: when the client's send buffer is full the backend's send() is short or EAGAIN (the rest
+    goes back to it) and EPOLLOUT wakes it again; every byte arrives once, in order."""
+    cl, bl = client_listener(), backend_listener(cgroup)
+    pair = await open_pair(relay, cl, bl)
+    pair.client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    loop = asyncio.get_running_loop()
+    reply = payload(10, 24_000_000)
+
+    async def slow_reader() -> tuple[int, str]:
+        import hashlib
+
+        h, n = hashlib.sha256(), 0
+        while True:
+            data = await loop.sock_recv(pair.client, 256 * 1024)
+            if not data:
+                return n, h.hexdigest()
+            h.update(data)
+            n += len(data)
+            if n < 4_000_000:
+                await asyncio.sleep(0.002)  # slow at first: the backend meets a full buffer
+
+    _, got = await asyncio.gather(send_stream(pair.backend, reply, chunk=1 << 20), slow_reader())
+    assert got == (len(reply), sha(reply))
+    pair.client.shutdown(socket.SHUT_WR)
+    await recv_stream(pair.backend)
+    result = await asyncio.wait_for(pair.task, 10)
+    pair.close()
+    assert result.shortcut and result.shortcut_bytes == len(reply)
+    cl.close()
+    bl.close()
+
+
+async def test_sendfile_backend(relay: Relay, cgroup: str) -> None:
+    """A backend that serves a file with sendfile() (MSG_SPLICE_PAGES inside the kernel): the sk_msg
+    path carries it, byte-exact."""
+    cl, bl = client_listener(), backend_listener(cgroup)
+    pair = await open_pair(relay, cl, bl)
+    data = payload(11, 48_000_000)
+    with tempfile.NamedTemporaryFile(dir="/var/tmp") as f:
+        f.write(data)
+        f.flush()
+        blocking = socket.socket(fileno=os.dup(pair.backend.fileno()))
+        blocking.setblocking(True)
+
+        def serve() -> None:
+            with open(f.name, "rb") as src:
+                blocking.sendfile(src)
+            blocking.shutdown(socket.SHUT_WR)
+            blocking.close()
+
+        thread = threading.Thread(target=serve)
+        thread.start()
+        got = await recv_stream(pair.client)
+        await asyncio.to_thread(thread.join)
+    assert got == (len(data), sha(data))
+    pair.client.shutdown(socket.SHUT_WR)
+    await recv_stream(pair.backend)
+    result = await asyncio.wait_for(pair.task, 10)
+    pair.close()
+    assert result.shortcut and result.shortcut_bytes == len(data)
+    cl.close()
+    bl.close()
+
+
+async def test_a_socket_the_proxy_did_not_open_is_never_captured(relay: Relay, cgroup: str,
+                                                                 shortcut_maps: ShortcutMaps) -> None:
+    """Another client of the same backend port, in the same cgroup, is left alone: only the proxy's
+    registered 4-tuple is in shortcut_socks (read from the map itself)."""
+    cl, bl = client_listener(), backend_listener(cgroup)
+    before = shortcut_maps.stats()
+    pair = await open_pair(relay, cl, bl)
+    loop = asyncio.get_running_loop()
+    stranger = socket.socket()
+    stranger.setblocking(False)
+    await loop.sock_connect(stranger, bl.getsockname())
+    stranger_port = stranger.getsockname()[1]
+    served, _ = await loop.sock_accept(bl)
+    served.setblocking(False)
+    captured = [key_text(k) for k in shortcut_maps.captured_keys()]
+    backend_end = f"127.0.0.1:{bl.getsockname()[1]}"
+    assert captured == [(backend_end, f"127.0.0.1:{pair.proxy_port}")]
+    assert all(proxy_end != f"127.0.0.1:{stranger_port}" for _, proxy_end in captured)
+    assert shortcut_maps.stats().foreign - before.foreign == 1
+    # The stranger's connection works the ordinary way.
+    data = payload(12, 2_000_000)
+    _, got = await asyncio.gather(send_stream(served, data), recv_stream(stranger))
+    assert got == (len(data), sha(data))
+    for s in (stranger, served):
+        s.close()
+    pair.client.shutdown(socket.SHUT_WR)
+    pair.backend.shutdown(socket.SHUT_WR)
+    await asyncio.wait_for(pair.task, 10)
+    pair.close()
+    cl.close()
+    bl.close()
