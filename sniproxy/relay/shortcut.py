@@ -132,5 +132,5 @@ class Shortcut:
         if -conn.error in (_errno.E2BIG, _errno.ENOSPC, _errno.ENOMEM):
             reason += " (shortcut_socks full)"
         self._once("shortcut_capture_failed", reason=reason)
-        return Finished(False, 0, reason)
+        return Finished(False, reason)
 

@@ -377,3 +377,94 @@ async def test_a_socket_the_proxy_did_not_open_is_never_captured(relay: Relay, c
     pair.close()
     cl.close()
     bl.close()
+
+
+@pytest.mark.parametrize("full", ["shortcut_socks", "shortcut_conns"])
+async def test_full_map_leaves_the_connection_on_the_normal_path(full: str, pin_dir: str) -> None:
+    """With room for one connection, the second is not short-circuited: its registration (a full
+    shortcut_conns) or its capture (a full shortcut_socks) fails, it runs byte-exact over loopback,
+    and the failure is logged once however many connections meet it."""
+    sizes = {"max_socks": 1, "max_conns": 8} if full == "shortcut_socks" else {"max_conns": 1}
+    with cgroups.temporary("full") as cgroup, loaded(cgroup, f"{pin_dir}-full-{full}", **sizes) as maps:
+        relay = Relay()
+        relay.shortcut = Shortcut(maps, cgroup)
+        cl, bl = client_listener(), backend_listener(cgroup)
+        with structlog.testing.capture_logs() as logs:
+            first = await open_pair(relay, cl, bl)
+            others = []
+            for _ in range(3):
+                if full == "shortcut_conns":
+                    others.append(await _open_unregistered(relay, cl, bl))
+                else:
+                    others.append(await open_pair(relay, cl, bl))
+            for i, pair in enumerate([first, *others]):
+                reply = payload(20 + i, 3_000_000)
+                _, got = await asyncio.wait_for(asyncio.gather(send_stream(pair.backend, reply),
+                                                               recv_stream(pair.client)), 30)
+                assert got == (len(reply), sha(reply))
+                pair.client.shutdown(socket.SHUT_WR)
+                await recv_stream(pair.backend)
+                result = await asyncio.wait_for(pair.task, 10)
+                pair.close()
+                assert result.bytes_down == len(reply)
+                if pair is first:
+                    assert result.shortcut and result.shortcut_bytes == len(reply)
+                else:
+                    assert not result.shortcut and result.shortcut_bytes == 0
+                    if full == "shortcut_socks":
+                        assert "shortcut_socks full" in result.shortcut_fallback, result
+        kind = "shortcut_capture_failed" if full == "shortcut_socks" else "shortcut_register_failed"
+        assert [e["event"] for e in logs if e["event"].startswith("shortcut_")] == [kind]
+        assert maps.registered() == [] and maps.captured_keys() == []
+        cl.close()
+        bl.close()
+
+
+async def _open_unregistered(relay: Relay, cl: socket.socket, bl: socket.socket) -> Pair:
+    """open_pair for a connection whose registration is refused (the server then connects anyway)."""
+    loop = asyncio.get_running_loop()
+    client = socket.socket()
+    client.setblocking(False)
+    await loop.sock_connect(client, cl.getsockname())
+    proxy_client, _ = await loop.sock_accept(cl)
+    proxy_client.setblocking(False)
+    await loop.sock_sendall(client, b"HELLO\n")
+    first = await loop.sock_recv(proxy_client, 65536)
+    proxy_backend = socket.socket()
+    proxy_backend.setblocking(False)
+    refused = relay.shortcut.prepare(proxy_client, proxy_backend, bl.getsockname())
+    assert isinstance(refused, str) and "map full" in refused, refused
+    await loop.sock_connect(proxy_backend, bl.getsockname())
+    backend, _ = await loop.sock_accept(bl)
+    backend.setblocking(False)
+    task = asyncio.create_task(relay.relay(proxy_client, proxy_backend, first, 30.0))
+    return Pair(client, backend, task, first, None, proxy_backend.getsockname()[1])
+
+
+def test_open_relay_attaches_at_start_and_detaches_at_stop(pin_dir: str) -> None:
+    """Through dataplane.open_relay as the CLI uses it: bpftool shows shortcut_ops on the cgroup (and
+    both programs by name) while the relay is open, and nothing once it is closed; a path that is no
+    cgroup v2 directory leaves the short-circuit off with the reason logged, and the proxy serves."""
+    from sniproxy.config import EbpfConfig
+    from sniproxy.dataplane import open_relay
+
+    with cgroups.temporary("dp") as cgroup:
+        config = EbpfConfig(splice=False, pin_dir=f"{pin_dir}-dp", shortcut_cgroup=cgroup)
+        with structlog.testing.capture_logs() as logs, open_relay(config) as relay:
+            assert relay.shortcut is not None
+            assert [p["name"] for p in bpftool_cgroup(cgroup)] == ["shortcut_ops"]
+            progs = json.loads(subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True,
+                                              text=True, check=True).stdout)
+            ids = relay.shortcut.maps.prog_ids
+            names = {p["id"]: p.get("name") for p in progs}
+            assert names[ids["shortcut_ops"]] == "shortcut_ops" and names[ids["shortcut_msg"]] == "shortcut_msg"
+        assert bpftool_cgroup(cgroup) == []
+        assert not os.path.exists(os.path.join(config.pin_dir, "shortcut_conns"))
+        assert [e["enabled"] for e in logs if e["event"] == "shortcut"] == [True]
+        assert any(e["event"] == "shortcut_detached" for e in logs)
+
+    with structlog.testing.capture_logs() as logs, \
+            open_relay(EbpfConfig(splice=False, pin_dir=f"{pin_dir}-dp2", shortcut_cgroup="/tmp")) as relay:
+        assert relay.shortcut is None
+    [event] = [e for e in logs if e["event"] == "shortcut"]
+    assert event["enabled"] is False and "not in a cgroup v2 hierarchy" in event["reason"]
