@@ -166,6 +166,13 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         log("run_all: needs root (BPF for the splice mode; peers bind and raise fd limits)")
         return 2
+    if args.only == "shortcut":
+        summary = run_shortcut(max(args.reps, 3), args.shortcut_gb)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        stem = RESULTS / (datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S") + "-shortcut")
+        stem.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
+        print(f"raw results: {stem.with_suffix('.json').relative_to(REPO)}")
+        return 0 if summary and "error" not in summary else 1
     missing = [b for b in ("/usr/sbin/nginx", "/usr/sbin/haproxy", "/usr/sbin/sniproxy",
                            str(peers.NGINX_STREAM_MODULE)) if not os.path.exists(b)]
     if missing:
@@ -176,13 +183,6 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
-    if args.only == "shortcut":
-        summary = run_shortcut(max(args.reps, 3), args.shortcut_gb)
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        stem = RESULTS / (datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S") + "-shortcut")
-        stem.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
-        print(f"raw results: {stem.with_suffix('.json').relative_to(REPO)}")
-        return 0 if summary and "error" not in summary else 1
     hard = procs.raise_nofile()
     idle_conns = min(args.idle_conns, (hard - 400) // 2)
     wanted = args.targets.split(",")
