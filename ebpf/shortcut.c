@@ -3,7 +3,7 @@
  * connection the proxy registered in shortcut_conns before connecting, keyed by its 4-tuple. An
  * sk_msg program on shortcut_socks then sends the backend's sendmsg() straight to the client
  * socket's egress (shortcut_peers, no programs of its own), skipping the loopback connection.
- * Invariant: no socket the proxy did not register is ever touched; a captured socket's bytes either
+ * A non-blocking backend (O_NONBLOCK on its socket) stays on the loopback path (see shortcut_msg). Invariant: no socket the proxy did not register is ever touched; a captured socket's bytes either
  * reach the client socket or fail the backend's sendmsg() (SK_DROP: EACCES), never vanish; capture
  * happens when the backend's socket becomes ESTABLISHED, before the backend can accept() and write,
  * so no byte of a captured connection takes the loopback path before a redirected one. */
@@ -43,6 +43,34 @@ BPF_HASH(shortcut_conns, struct shortcut_key, struct shortcut_conn, SHORTCUT_MAX
 BPF_PERCPU_ARRAY(shortcut_stats, struct shortcut_stats, 1);
 
 #define ADD(field, v) __sync_fetch_and_add(&(field), (v))
+#define O_NONBLOCK_FLAG 04000
+
+/* bpf_probe_read_kernel by its helper number (BCC would rewrite the named helper; see splice.c). */
+static long (*read_kernel)(void *dst, u32 size, const void *src) = (void *)BPF_FUNC_probe_read_kernel;
+
+/* Whether the backend socket's file is non-blocking (O_NONBLOCK). Offsets from the running kernel's
+ * BTF (-DSHORTCUT_OFF_*, see kernel/shortcut.py). */
+static __always_inline int backend_nonblocking(struct sk_msg_md *msg)
+{
+	struct bpf_sock *sk = msg->sk;
+	struct tcp_sock *tp;
+	void *sock = 0, *file = 0;
+	u32 flags = 0;
+
+	if (!sk)
+		return 0;
+	tp = bpf_skc_to_tcp_sock(sk);
+	if (!tp)
+		return 0;
+	read_kernel(&sock, sizeof(sock), (char *)tp + SHORTCUT_OFF_SK_SOCKET);
+	if (!sock)
+		return 0;
+	read_kernel(&file, sizeof(file), (char *)sock + SHORTCUT_OFF_SOCKET_FILE);
+	if (!file)
+		return 0;
+	read_kernel(&flags, sizeof(flags), (char *)file + SHORTCUT_OFF_F_FLAGS);
+	return (flags & O_NONBLOCK_FLAG) != 0;
+}
 
 /* remote_port of sock_ops and sk_msg contexts: the 16-bit network-order port, in the upper half of
  * the word on current kernels (the lower half on old ones). */
@@ -133,6 +161,24 @@ int shortcut_msg(struct sk_msg_md *msg)
 	if (!conn) {
 		/* The proxy released the connection (its sockets are closing): the loopback connection
 		 * carries this to the proxy's closed socket, which answers with a reset. */
+		ADD(st->pass_msgs, 1);
+		return SK_PASS;
+	}
+	/* A non-blocking backend gets a short write or EAGAIN from the redirect when the client's send
+	 * buffer is full, then waits for EPOLLOUT on its own socket, which nothing raises when the
+	 * client's buffer drains: an edge-triggered server (nginx) stalls for good (measured, see
+	 * docs/operations.md). The client's fill cannot be read here (sk_msg may not release a socket
+	 * looked up in a sockhash), so a non-blocking backend's connection stays on the loopback path,
+	 * where its own socket gives it the usual backpressure: for good, from its first message. */
+	if (conn->passing) {
+		ADD(conn->pass_bytes, size);
+		ADD(st->pass_msgs, 1);
+		return SK_PASS;
+	}
+	if (backend_nonblocking(msg)) {
+		conn->passing = 1;
+		ADD(conn->pass_bytes, size);
+		ADD(st->fallbacks, 1);
 		ADD(st->pass_msgs, 1);
 		return SK_PASS;
 	}

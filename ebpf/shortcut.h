@@ -45,6 +45,11 @@ struct shortcut_conn {
 	__u64 last_ns;       /* CLOCK_MONOTONIC of the last redirect (the proxy's idle timeout reads it) */
 	__u32 state;         /* enum shortcut_state */
 	__s32 error;         /* the failed insert's errno (negative), when state is SHORTCUT_REFUSED */
+	/* Set (for good) by the verdict at a non-blocking backend's first message: every message then
+	 * takes the loopback path (see shortcut.c). */
+	__u32 passing;
+	__u32 pad;
+	__u64 pass_bytes;    /* bytes sent over loopback since `passing` was set */
 };
 
 /* Per-CPU totals (shortcut_stats, one slot). */
@@ -55,7 +60,8 @@ struct shortcut_stats {
 	__u64 redir_bytes;
 	__u64 redir_msgs;
 	__u64 drop_msgs;     /* redirect failed: the client socket was closed */
-	__u64 pass_msgs;     /* a captured socket's connection was released: sent over loopback */
+	__u64 pass_msgs;     /* messages sent over loopback: released connection, or `passing` */
+	__u64 fallbacks;     /* captured connections left on the loopback path: non-blocking backend */
 };
 
 #endif /* SNIPROXY_SHORTCUT_H */

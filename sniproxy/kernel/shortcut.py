@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import maps
 from .errors import KernelError, SpliceError, SpliceTableFull
-from .loader import EBPF_DIR, PinDir, _captured_stderr, ensure_bpffs, pin_fd
+from .loader import EBPF_DIR, PinDir, _captured_stderr, btf_offsets, ensure_bpffs, pin_fd
 from .splice import socket_cookie
 
 SHORTCUT_SRC = EBPF_DIR / "shortcut.c"
@@ -51,6 +51,9 @@ class ShortcutConn(ct.Structure):
         ("last_ns", ct.c_uint64),
         ("state", ct.c_uint32),
         ("error", ct.c_int32),
+        ("passing", ct.c_uint32),
+        ("pad", ct.c_uint32),
+        ("pass_bytes", ct.c_uint64),
     ]
 
 
@@ -63,6 +66,7 @@ class ShortcutStats(ct.Structure):
         ("redir_msgs", ct.c_uint64),
         ("drop_msgs", ct.c_uint64),
         ("pass_msgs", ct.c_uint64),
+        ("fallbacks", ct.c_uint64),
     ]
 
     def as_dict(self) -> dict[str, int]:
@@ -159,7 +163,13 @@ class ShortcutMaps:
             raise KernelError("the bcc Python module is not importable", str(e)) from e
         check_cgroup(cgroup)
         ensure_bpffs(pin_dir)
-        cflags = [f"-I{EBPF_DIR}"]
+        # BCC compiles against Debian's headers, which need not match the running kernel's layout:
+        # the verdict reads these fields at the offsets the running kernel's BTF gives.
+        off = btf_offsets({"sock": ("sk_socket",), "socket": ("file",), "file": ("f_flags",)})
+        cflags = [f"-I{EBPF_DIR}",
+                  f"-DSHORTCUT_OFF_SK_SOCKET={off[('sock', 'sk_socket')]}",
+                  f"-DSHORTCUT_OFF_SOCKET_FILE={off[('socket', 'file')]}",
+                  f"-DSHORTCUT_OFF_F_FLAGS={off[('file', 'f_flags')]}"]
         if max_conns:
             cflags.append(f"-DSHORTCUT_MAX_CONNS={max_conns}")
         if max_socks:

@@ -116,6 +116,11 @@ class Shortcut:
 
         if conn is None:
             return Finished(False, "the registration was gone")
+        if conn.state == CAPTURED and conn.passing:
+            # Its bytes went the normal way; say so once per process and in the access log.
+            reason = "non-blocking backend: kept on the loopback path (nothing would wake it when the client's send buffer drains)"
+            self._once("shortcut_nonblocking_backend", reason=reason)
+            return Finished(conn.redir_bytes > 0, reason, conn.redir_bytes)
         if conn.state == CAPTURED:
             return Finished(True, None, conn.redir_bytes)
         if conn.state == EXPECTED:

@@ -87,6 +87,37 @@ def client_listener() -> socket.socket:
     return s
 
 
+def _blocking_send(sock: socket.socket, data: bytes, shut: bool) -> None:
+    view = memoryview(data)
+    for i in range(0, len(data), 1 << 20):
+        sock.sendall(view[i:i + (1 << 20)])
+    if shut:
+        sock.shutdown(socket.SHUT_WR)
+
+
+def _blocking_recv(sock: socket.socket, limit: int | None) -> tuple[int, str]:
+    import hashlib
+
+    h, n = hashlib.sha256(), 0
+    while limit is None or n < limit:
+        data = sock.recv(1 << 20 if limit is None else min(1 << 20, limit - n))
+        if not data:
+            break
+        h.update(data)
+        n += len(data)
+    return n, h.hexdigest()
+
+
+async def bsend(sock: socket.socket, data: bytes, shut: bool = True) -> None:
+    """Send as a blocking backend does (a thread): the short-circuit serves blocking sockets; a
+    non-blocking one stays on loopback (test_nonblocking_backend_stays_on_loopback)."""
+    await asyncio.to_thread(_blocking_send, sock, data, shut)
+
+
+async def brecv(sock: socket.socket, limit: int | None = None) -> tuple[int, str]:
+    return await asyncio.to_thread(_blocking_recv, sock, limit)
+
+
 class Pair:
     def __init__(self, client, backend, task, first, ticket, proxy_port) -> None:  # noqa: ANN001
         self.client, self.backend, self.task, self.first = client, backend, task, first
@@ -117,7 +148,7 @@ async def open_pair(relay: Relay, cl: socket.socket, bl: socket.socket, hello: b
     assert not isinstance(ticket, str), ticket
     await loop.sock_connect(proxy_backend, bl.getsockname())
     backend, _ = await loop.sock_accept(bl)
-    backend.setblocking(False)
+    backend.setblocking(True)  # a blocking backend (threads in these tests)
     if before_relay is not None:
         await before_relay(backend)
     task = asyncio.create_task(relay.relay(proxy_client, proxy_backend, first, idle_timeout, ticket=ticket))
@@ -129,12 +160,12 @@ async def test_download_goes_by_the_shortcut_byte_exact(relay: Relay, cgroup: st
     cl, bl = client_listener(), backend_listener(cgroup)
     before = shortcut_maps.stats()
     pair = await open_pair(relay, cl, bl)
-    assert await recv_stream(pair.backend, len(pair.first)) == (len(pair.first), sha(pair.first))
+    assert await brecv(pair.backend, len(pair.first)) == (len(pair.first), sha(pair.first))
     reply = payload(1, 64_000_000)
-    _, got = await asyncio.gather(send_stream(pair.backend, reply), recv_stream(pair.client))
+    _, got = await asyncio.gather(bsend(pair.backend, reply), recv_stream(pair.client))
     assert got == (len(reply), sha(reply))
     pair.client.shutdown(socket.SHUT_WR)
-    assert await recv_stream(pair.backend) == (0, sha(b""))
+    assert await brecv(pair.backend) == (0, sha(b""))
     result = await asyncio.wait_for(pair.task, 10)
     pair.close()
     assert result.outcome is Outcome.CLOSED
@@ -162,14 +193,14 @@ async def test_capture_happens_before_accept_returns(relay: Relay, cgroup: str,
     async def speak_first(backend: socket.socket) -> None:
         regs = {key_text(k)[1]: c for k, c in shortcut_maps.registered()}
         seen_states.append(next(iter(regs.values())).state if len(regs) == 1 else None)
-        asyncio.get_running_loop().create_task(send_stream(backend, greeting, shut=False))
+        asyncio.get_running_loop().create_task(bsend(backend, greeting, shut=False))
 
     for _ in range(20):
         pair = await open_pair(relay, cl, bl, before_relay=speak_first)
         got = await recv_stream(pair.client, len(greeting))
         assert got == (len(greeting), sha(greeting))
         pair.client.shutdown(socket.SHUT_WR)
-        await recv_stream(pair.backend)
+        await brecv(pair.backend)
         pair.backend.shutdown(socket.SHUT_WR)
         result = await asyncio.wait_for(pair.task, 10)
         pair.close()
@@ -186,10 +217,10 @@ async def test_half_close_client_first(relay: Relay, cgroup: str) -> None:
     pair = await open_pair(relay, cl, bl)
     request = payload(3, 2_000_000)
     await send_stream(pair.client, request)  # ends with shutdown(SHUT_WR)
-    got = await asyncio.wait_for(recv_stream(pair.backend), 10)
+    got = await asyncio.wait_for(brecv(pair.backend), 10)
     assert got == (len(pair.first) + len(request), sha(pair.first + request))
     reply = payload(4, 20_000_000)
-    _, got_reply = await asyncio.gather(send_stream(pair.backend, reply), recv_stream(pair.client))
+    _, got_reply = await asyncio.gather(bsend(pair.backend, reply), recv_stream(pair.client))
     assert got_reply == (len(reply), sha(reply))
     result = await asyncio.wait_for(pair.task, 10)
     pair.close()
@@ -204,10 +235,10 @@ async def test_half_close_backend_first(relay: Relay, cgroup: str) -> None:
     cl, bl = client_listener(), backend_listener(cgroup)
     pair = await open_pair(relay, cl, bl)
     reply = payload(5, 20_000_000)
-    _, got_reply = await asyncio.gather(send_stream(pair.backend, reply), recv_stream(pair.client))
+    _, got_reply = await asyncio.gather(bsend(pair.backend, reply), recv_stream(pair.client))
     assert got_reply == (len(reply), sha(reply))  # EOF came after the last byte
     upload = payload(6, 5_000_000)
-    _, got_up = await asyncio.gather(send_stream(pair.client, upload), recv_stream(pair.backend))
+    _, got_up = await asyncio.gather(send_stream(pair.client, upload), brecv(pair.backend))
     assert got_up == (len(pair.first) + len(upload), sha(pair.first + upload))
     result = await asyncio.wait_for(pair.task, 10)
     pair.close()
@@ -228,7 +259,7 @@ async def test_backend_reset_mid_transfer(relay: Relay, cgroup: str) -> None:
     cl, bl = client_listener(), backend_listener(cgroup)
     pair = await open_pair(relay, cl, bl)
     part = payload(8, 8_000_000)
-    _, got = await asyncio.gather(send_stream(pair.backend, part, shut=False),
+    _, got = await asyncio.gather(bsend(pair.backend, part, shut=False),
                                   recv_stream(pair.client, len(part)))
     assert got == (len(part), sha(part))
     _abort(pair.backend)
@@ -255,17 +286,17 @@ async def test_client_reset_mid_transfer(relay: Relay, cgroup: str, shortcut_map
     sent = 0
     error: OSError | None = None
 
-    async def stream() -> None:
+    def stream() -> None:
         nonlocal sent, error
         chunk = payload(9, 1 << 20)
         try:
             while True:
-                await loop.sock_sendall(pair.backend, chunk)
+                pair.backend.sendall(chunk)
                 sent += len(chunk)
         except OSError as exc:
             error = exc
 
-    streamer = asyncio.create_task(stream())
+    streamer = asyncio.create_task(asyncio.to_thread(stream))
     received = 0
     while received < 4_000_000:
         received += len(await loop.sock_recv(pair.client, 1 << 20))
@@ -280,36 +311,47 @@ async def test_client_reset_mid_transfer(relay: Relay, cgroup: str, shortcut_map
     bl.close()
 
 
-async def test_nonblocking_backend_facing_a_slow_client(relay: Relay, cgroup: str) -> None:
-    """A non-blocking backend (this test's own socket, as nginx's) against a client that reads
-    slowly: when the client's send buffer is full the backend's send() is short or EAGAIN (the rest
-    goes back to it) and EPOLLOUT wakes it again; every byte arrives once, in order."""
+async def test_nonblocking_backend_stays_on_loopback(relay: Relay, cgroup: str,
+                                                     shortcut_maps: ShortcutMaps) -> None:
+    """A non-blocking backend (O_NONBLOCK, as nginx and every event-loop server) is captured but its
+    sends are left on the loopback path from the first one: with the redirect, a full client send
+    buffer gives it EAGAIN and nothing ever raises EPOLLOUT on its own socket again (nginx stalled
+    until its send_timeout: tests/kernel/test_shortcut_nginx.py shows the real server). Every byte
+    arrives once, in order, against a slow client; the access log says why, logged once."""
     cl, bl = client_listener(), backend_listener(cgroup)
-    pair = await open_pair(relay, cl, bl)
-    pair.client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-    loop = asyncio.get_running_loop()
-    reply = payload(10, 24_000_000)
+    before = shortcut_maps.stats()
+    with structlog.testing.capture_logs() as logs:
+        for round_ in range(2):
+            pair = await open_pair(relay, cl, bl)
+            pair.backend.setblocking(False)
+            pair.client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            loop = asyncio.get_running_loop()
+            reply = payload(10 + round_, 24_000_000)
 
-    async def slow_reader() -> tuple[int, str]:
-        import hashlib
+            async def slow_reader() -> tuple[int, str]:
+                import hashlib
 
-        h, n = hashlib.sha256(), 0
-        while True:
-            data = await loop.sock_recv(pair.client, 256 * 1024)
-            if not data:
-                return n, h.hexdigest()
-            h.update(data)
-            n += len(data)
-            if n < 4_000_000:
-                await asyncio.sleep(0.002)  # slow at first: the backend meets a full buffer
+                h, n = hashlib.sha256(), 0
+                while True:
+                    data = await loop.sock_recv(pair.client, 256 * 1024)
+                    if not data:
+                        return n, h.hexdigest()
+                    h.update(data)
+                    n += len(data)
+                    if n < 4_000_000:
+                        await asyncio.sleep(0.002)  # slow at first: the send buffers fill
 
-    _, got = await asyncio.gather(send_stream(pair.backend, reply, chunk=1 << 20), slow_reader())
-    assert got == (len(reply), sha(reply))
-    pair.client.shutdown(socket.SHUT_WR)
-    await recv_stream(pair.backend)
-    result = await asyncio.wait_for(pair.task, 10)
-    pair.close()
-    assert result.shortcut and result.shortcut_bytes == len(reply)
+            _, got = await asyncio.wait_for(asyncio.gather(
+                send_stream(pair.backend, reply, chunk=1 << 20), slow_reader()), 60)
+            assert got == (len(reply), sha(reply))
+            pair.client.shutdown(socket.SHUT_WR)
+            await recv_stream(pair.backend)
+            result = await asyncio.wait_for(pair.task, 10)
+            pair.close()
+            assert not result.shortcut and result.shortcut_bytes == 0 and result.bytes_down == len(reply)
+            assert "non-blocking backend" in result.shortcut_fallback, result
+    assert shortcut_maps.stats().fallbacks - before.fallbacks == 2
+    assert [e["event"] for e in logs if e["event"].startswith("shortcut_")] == ["shortcut_nonblocking_backend"]
     cl.close()
     bl.close()
 
@@ -338,7 +380,7 @@ async def test_sendfile_backend(relay: Relay, cgroup: str) -> None:
         await asyncio.to_thread(thread.join)
     assert got == (len(data), sha(data))
     pair.client.shutdown(socket.SHUT_WR)
-    await recv_stream(pair.backend)
+    await brecv(pair.backend)
     result = await asyncio.wait_for(pair.task, 10)
     pair.close()
     assert result.shortcut and result.shortcut_bytes == len(data)
@@ -359,7 +401,7 @@ async def test_a_socket_the_proxy_did_not_open_is_never_captured(relay: Relay, c
     await loop.sock_connect(stranger, bl.getsockname())
     stranger_port = stranger.getsockname()[1]
     served, _ = await loop.sock_accept(bl)
-    served.setblocking(False)
+    served.setblocking(True)
     captured = [key_text(k) for k in shortcut_maps.captured_keys()]
     backend_end = f"127.0.0.1:{bl.getsockname()[1]}"
     assert captured == [(backend_end, f"127.0.0.1:{pair.proxy_port}")]
@@ -367,7 +409,7 @@ async def test_a_socket_the_proxy_did_not_open_is_never_captured(relay: Relay, c
     assert shortcut_maps.stats().foreign - before.foreign == 1
     # The stranger's connection works the ordinary way.
     data = payload(12, 2_000_000)
-    _, got = await asyncio.gather(send_stream(served, data), recv_stream(stranger))
+    _, got = await asyncio.gather(bsend(served, data), recv_stream(stranger))
     assert got == (len(data), sha(data))
     for s in (stranger, served):
         s.close()
@@ -399,11 +441,11 @@ async def test_full_map_leaves_the_connection_on_the_normal_path(full: str, pin_
                     others.append(await open_pair(relay, cl, bl))
             for i, pair in enumerate([first, *others]):
                 reply = payload(20 + i, 3_000_000)
-                _, got = await asyncio.wait_for(asyncio.gather(send_stream(pair.backend, reply),
+                _, got = await asyncio.wait_for(asyncio.gather(bsend(pair.backend, reply),
                                                                recv_stream(pair.client)), 30)
                 assert got == (len(reply), sha(reply))
                 pair.client.shutdown(socket.SHUT_WR)
-                await recv_stream(pair.backend)
+                await brecv(pair.backend)
                 result = await asyncio.wait_for(pair.task, 10)
                 pair.close()
                 assert result.bytes_down == len(reply)
@@ -436,7 +478,7 @@ async def _open_unregistered(relay: Relay, cl: socket.socket, bl: socket.socket)
     assert isinstance(refused, str) and "map full" in refused, refused
     await loop.sock_connect(proxy_backend, bl.getsockname())
     backend, _ = await loop.sock_accept(bl)
-    backend.setblocking(False)
+    backend.setblocking(True)
     task = asyncio.create_task(relay.relay(proxy_client, proxy_backend, first, 30.0))
     return Pair(client, backend, task, first, None, proxy_backend.getsockname()[1])
 
