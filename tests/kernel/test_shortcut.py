@@ -510,3 +510,20 @@ def test_open_relay_attaches_at_start_and_detaches_at_stop(pin_dir: str) -> None
         assert relay.shortcut is None
     [event] = [e for e in logs if e["event"] == "shortcut"]
     assert event["enabled"] is False and "not in a cgroup v2 hierarchy" in event["reason"]
+
+
+def test_ctypes_mirrors_match_the_maps(shortcut_maps: ShortcutMaps) -> None:
+    """kernel/shortcut.py's structs have the sizes the kernel reports for the maps (ebpf/shortcut.h)."""
+    import ctypes as ct
+
+    from sniproxy.kernel.shortcut import ShortcutConn, ShortcutKey, ShortcutStats
+
+    def show(name: str) -> dict:
+        return json.loads(subprocess.run(["bpftool", "-j", "map", "show", "pinned",
+                                          os.path.join(shortcut_maps.pin_dir, name)],
+                                         capture_output=True, text=True, check=True).stdout)
+
+    conns, socks, stats = show("shortcut_conns"), show("shortcut_socks"), show("shortcut_stats")
+    assert (conns["bytes_key"], conns["bytes_value"]) == (ct.sizeof(ShortcutKey), ct.sizeof(ShortcutConn))
+    assert (socks["bytes_key"], socks["bytes_value"]) == (ct.sizeof(ShortcutKey), 8)
+    assert stats["bytes_value"] == ct.sizeof(ShortcutStats)
