@@ -26,6 +26,7 @@ FINISHED = "finished"
 
 
 _IN, _OUT, _ERR = select.EPOLLIN, select.EPOLLOUT, select.EPOLLERR | select.EPOLLHUP
+_TCP_CLOSE = 7  # tcp_info.tcpi_state
 
 
 class Poller:
@@ -84,6 +85,17 @@ class Flow:
         self.shut = False  # dst was shut down for writing
         self.reading = False
         self.writing = False
+
+
+def _was_reset(sock: socket.socket) -> bool:
+    """At EOF on a socket whose sending side we did not shut (else CLOSE is the clean end of an
+    active close, the socket having passed into TIME_WAIT): whether it was in fact reset (TCP state
+    CLOSE, not CLOSE_WAIT) and another sender on it took the error first: the local-backend short-circuit's redirect does
+    (tcp_sendmsg's error path reads and clears sk_err), and recv() then returns 0 as for a FIN."""
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_CLOSE
+    except OSError:  # not TCP (a unix-socket backend)
+        return False
 
 
 def other(name: str) -> str:
@@ -162,6 +174,10 @@ class CopyPhase:
             return
         self.last_activity = time.monotonic()
         if not data:
+            back = self.down if flow is self.up else self.up  # the flow writing into flow.src
+            if not back.shut and _was_reset(flow.src):
+                self._reset(flow.name)
+                return
             flow.eof = True
             self._stop_reading(flow)
             if flow.pending is None:

@@ -295,6 +295,7 @@ async def test_client_reset_mid_transfer(relay: Relay, cgroup: str, shortcut_map
                 sent += len(chunk)
         except OSError as exc:
             error = exc
+            pair.backend.close()  # as a server does when a send fails
 
     streamer = asyncio.create_task(asyncio.to_thread(stream))
     received = 0
@@ -303,7 +304,6 @@ async def test_client_reset_mid_transfer(relay: Relay, cgroup: str, shortcut_map
     _abort(pair.client)
     result = await asyncio.wait_for(pair.task, 10)
     await asyncio.wait_for(streamer, 10)
-    pair.backend.close()
     assert error is not None and error.errno in (errno.EACCES, errno.ECONNRESET, errno.EPIPE), error
     assert result.outcome is Outcome.CLIENT_RESET and result.shortcut
     assert sent >= received
