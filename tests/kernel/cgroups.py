@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import re
 import signal
 import subprocess
 import time
@@ -16,6 +17,37 @@ from sniproxy.kernel.shortcut import cgroup2_mounts
 
 _RUN = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
 _counter = itertools.count()
+
+
+def _alive(pid: int) -> bool:
+    return os.path.exists(f"/proc/{pid}")
+
+
+def sweep_stale() -> list[str]:
+    """Remove what a killed test run (SIGKILL, or a timeout's SIGTERM that skipped the finally
+    blocks) left: its empty cgroups and its short-circuit pins (which keep the sk_msg program and
+    the maps loaded; the sock_ops attachment is a bpf_link and died with the process). Only names
+    this module and the short-circuit tests make, and only of processes that no longer exist."""
+    removed = []
+    for name in os.listdir(root()):
+        m = re.fullmatch(r"sniproxy-test-[a-z]+-(\d+)-[0-9a-f]{6}-\d+", name)
+        if m and not _alive(int(m[1])):
+            path = os.path.join(root(), name)
+            with contextlib.suppress(OSError):
+                if not pids(path):
+                    os.rmdir(path)
+                    removed.append(path)
+    for name in os.listdir("/sys/fs/bpf"):
+        m = re.fullmatch(r"sniproxy-test-(\d+)-(.*shortcut.*|nginx|dp2?)", name)
+        if m and not _alive(int(m[1])):
+            path = os.path.join("/sys/fs/bpf", name)
+            with contextlib.suppress(OSError):
+                for pin in os.listdir(path):
+                    if pin.startswith("shortcut_"):
+                        os.unlink(os.path.join(path, pin))
+                os.rmdir(path)
+                removed.append(path)
+    return removed
 
 
 def root() -> str:

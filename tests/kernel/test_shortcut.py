@@ -52,6 +52,7 @@ def loaded(cgroup: str, pin_dir: str, **sizes: int) -> Iterator[ShortcutMaps]:
 
 @pytest.fixture(scope="module")
 def cgroup() -> Iterator[str]:
+    cgroups.sweep_stale()
     with cgroups.temporary("relay") as path:
         yield path
 
