@@ -35,10 +35,10 @@ struct shortcut_key {
  * afterwards only the programs write it (state, error: sock_ops; counters: sk_msg, atomic adds). */
 struct shortcut_conn {
 	__u64 client;        /* cookie of the client socket: its key in shortcut_peers */
-	/* Sizes of the messages redirected to the client's egress, as the verdict saw them. Not exact
-	 * for a non-blocking backend: when the client's send buffer takes only part of a message the
-	 * rest goes back to the backend (a short write) and is counted again when it is resent. The
-	 * exact count is measured on the client socket by the proxy (access log shortcut_bytes). */
+	/* Sizes of the messages redirected to the client's egress, as the verdict saw them, before
+	 * the push (which may take only part of one: the rest goes back to the sender as a short write
+	 * and is counted again if resent). The exact count is measured on the client socket by the
+	 * proxy (access log shortcut_bytes). */
 	__u64 redir_bytes;
 	__u64 redir_msgs;
 	__u64 drop_msgs;     /* messages refused because the client socket is gone (EACCES to the backend) */

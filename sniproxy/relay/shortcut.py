@@ -24,8 +24,8 @@ log = structlog.get_logger("sniproxy.relay")
 class Ticket:
     """One registered connection (kernel Registration), until Shortcut.finish(). The bytes that went
     the short way are measured on the client socket (everything put into its send stream, minus
-    what the relay wrote to it itself): the sk_msg program's own counter counts a message again when
-    a non-blocking backend resends the part the client's full send buffer refused."""
+    what the relay wrote to it itself): the sk_msg program counts each message whole before the
+    push into the client socket, which may take only part of it (a client that reset meanwhile)."""
 
     registration: object
     maps: object

@@ -528,3 +528,28 @@ def test_ctypes_mirrors_match_the_maps(shortcut_maps: ShortcutMaps) -> None:
     assert (conns["bytes_key"], conns["bytes_value"]) == (ct.sizeof(ShortcutKey), ct.sizeof(ShortcutConn))
     assert (socks["bytes_key"], socks["bytes_value"]) == (ct.sizeof(ShortcutKey), 8)
     assert stats["bytes_value"] == ct.sizeof(ShortcutStats)
+
+
+async def test_idle_timeout_counts_short_circuited_bytes(relay: Relay, cgroup: str) -> None:
+    """Bytes the kernel redirects never pass through the relay, yet they are activity: a download
+    that takes longer than the idle timeout, with nothing from the client, is not cut."""
+    cl, bl = client_listener(), backend_listener(cgroup)
+    pair = await open_pair(relay, cl, bl, idle_timeout=1.0)
+    chunk = payload(30, 200_000)
+
+    def trickle() -> None:
+        for _ in range(12):  # 3 s in all
+            pair.backend.sendall(chunk)
+            time.sleep(0.25)
+        pair.backend.shutdown(socket.SHUT_WR)
+
+    sender = asyncio.create_task(asyncio.to_thread(trickle))
+    got = await asyncio.wait_for(recv_stream(pair.client), 15)
+    await sender
+    assert got[0] == 12 * len(chunk)
+    pair.client.shutdown(socket.SHUT_WR)
+    result = await asyncio.wait_for(pair.task, 10)
+    pair.close()
+    assert result.outcome is Outcome.CLOSED and result.shortcut_bytes == 12 * len(chunk), result
+    cl.close()
+    bl.close()
