@@ -136,7 +136,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--targets", default=",".join(keys), help=f"comma-separated subset of {','.join(keys)}")
     p.add_argument("--chart", type=Path, help="PNG path (default docs/bench-<date>.png)")
     p.add_argument("--no-chart", action="store_true", help="skip the PNG")
+    p.add_argument("--only", choices=["shortcut"],
+                   help="run one workload alone: shortcut = bench/shortcut_download.py (download from a "
+                        "local backend in a cgroup: direct, copy, egress splice, short-circuit)")
+    p.add_argument("--shortcut-gb", type=float, default=3.0, help="GB per shortcut run (default 3)")
+    p.add_argument("--no-shortcut", action="store_true", help="skip the shortcut download workload")
     return p.parse_args(argv)
+
+
+def run_shortcut(reps: int, gb: float) -> dict[str, Any] | None:
+    """The local-backend download workload (issue 13), side by side in one run; printed and saved."""
+    from bench import shortcut_download
+
+    log(f"run_all: shortcut download, {gb:g} GB per run, {reps} repetitions")
+    try:
+        summary = shortcut_download.measure(reps, gb, log=log)
+    except Exception as exc:  # recorded, the rest of the results still stand
+        log(f"run_all: shortcut download failed: {type(exc).__name__}: {exc}")
+        if os.environ.get("BENCH_DEBUG"):
+            traceback.print_exc()
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    print()
+    print(shortcut_download.table(summary))
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,6 +166,13 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         log("run_all: needs root (BPF for the splice mode; peers bind and raise fd limits)")
         return 2
+    if args.only == "shortcut":
+        summary = run_shortcut(max(args.reps, 3), args.shortcut_gb)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        stem = RESULTS / (datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S") + "-shortcut")
+        stem.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
+        print(f"raw results: {stem.with_suffix('.json').relative_to(REPO)}")
+        return 0 if summary and "error" not in summary else 1
     missing = [b for b in ("/usr/sbin/nginx", "/usr/sbin/haproxy", "/usr/sbin/sniproxy",
                            str(peers.NGINX_STREAM_MODULE)) if not os.path.exists(b)]
     if missing:
@@ -202,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
             modes = sorted({r.get("relay_mode", "-") for r in record["reps"]})
             record.update(target.describe(), relay_mode="/".join(modes))
         summary = report.summarize(records)
-        results = {"date": now.strftime("%Y-%m-%d"), "time": now.isoformat(timespec="seconds"),
+        shortcut = None if args.no_shortcut else run_shortcut(max(args.reps, 3), args.shortcut_gb)
+        results = {"shortcut_download": shortcut, "date": now.strftime("%Y-%m-%d"), "time": now.isoformat(timespec="seconds"),
                    "machine": machine, "settings": settings, "peer_versions": {
                        p: peers.package_version(p) for p in ("sniproxy", "nginx", "haproxy")},
                    "targets": records, "summary": summary}

@@ -178,6 +178,9 @@ class EbpfConfig:
     # Bytes a connection moves (either way) in userspace before it is handed to the kernel; 0: at
     # once. Below about 1 MB the hand-off costs more CPU than copying saves (docs/benchmarks.md).
     splice_after: int = 1 << 20
+    # A cgroup v2 directory whose processes' accepted sockets may be short-circuited (the local
+    # backend's replies sent straight to the client socket); None: the short-circuit is off.
+    shortcut_cgroup: str | None = None
 
 
 @dataclass(frozen=True)
@@ -699,7 +702,7 @@ _LOG_KEYS = ("format", "level", "access_log")
 _SERVER_KEYS = ("workers", "user")
 # One splice_events ring per worker in ebpf/splice.c (SNIPROXY_MAX_WORKERS): kept in step by a test.
 MAX_WORKERS = 16
-_EBPF_KEYS = ("splice", "pin_dir", "splice_after")
+_EBPF_KEYS = ("splice", "pin_dir", "splice_after", "shortcut_cgroup")
 _XDP_KEYS = ("enabled", "interfaces", "mode", "allow")
 _METRICS_KEYS = ("bind",)
 XDP_MODES = ("auto", "native", "generic")
@@ -987,8 +990,12 @@ def _ebpf(data: object) -> EbpfConfig:
     pin_dir = s.string("pin_dir", "/sys/fs/bpf/sniproxy")
     if not pin_dir.startswith("/"):
         raise ConfigError("ebpf.pin_dir", f"must be an absolute path, got {pin_dir!r}")
+    shortcut_cgroup = s.string("shortcut_cgroup", "") or None
+    if shortcut_cgroup is not None and not shortcut_cgroup.startswith("/"):
+        raise ConfigError("ebpf.shortcut_cgroup", f"must be an absolute path, got {shortcut_cgroup!r}")
     return EbpfConfig(splice=s.boolean("splice", True), pin_dir=pin_dir,
-                      splice_after=s.integer("splice_after", 1 << 20, minimum=0, maximum=1 << 40))
+                      splice_after=s.integer("splice_after", 1 << 20, minimum=0, maximum=1 << 40),
+                      shortcut_cgroup=shortcut_cgroup)
 
 
 def _xdp(data: object) -> XdpConfig:

@@ -163,6 +163,9 @@ class Connection:
         self.via: Any = None  # the load balancer's address, when a PROXY header named the client
         self.proxy_destination: Any = None
         self.buffered = bytearray()
+        # The short-circuit registration of the backend connection (relay.shortcut), if any.
+        self._ticket: Any = None
+        self._shortcut_refused: str | None = None  # why a local backend was not registered
 
     @property
     def state(self) -> State:
@@ -213,7 +216,8 @@ class Connection:
                 result = await _UNIX_COPY.relay(client, relay_backend, first, idle)
                 result.fallback_reason = UNIX_COPY_REASON
             else:
-                result = await self.relay.relay(client, relay_backend, first, idle)
+                ticket, self._ticket = self._ticket, None
+                result = await self.relay.relay(client, relay_backend, first, idle, ticket=ticket)
             outcome = result.outcome.value
         except _Rejected as exc:
             outcome, reason = exc.outcome, exc.reason
@@ -227,6 +231,9 @@ class Connection:
             for sock in (self.client, backend):
                 if sock is not None:
                     sock.close()
+            if self._ticket is not None:  # registered, never relayed: release it
+                self.relay.shortcut.finish(self._ticket)  # type: ignore[union-attr]
+                self._ticket = None
             if self._balanced is not None and self.balancer is not None:
                 self.balancer.released(self._balanced)
             self._log(outcome, reason, result)
@@ -485,8 +492,10 @@ class Connection:
             share_ends = started + (deadline - started) / (len(addresses) - index)
             # SOCK_NONBLOCK: non-blocking from birth, no separate ioctl.
             sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            ticket = None
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                ticket = self._shortcut_ticket(sock, target)
                 # `address` is an IP literal (Resolver's contract): no name lookup happens here.
                 err = sock.connect_ex(target)
                 if err in (errno.EINPROGRESS, errno.EINTR):
@@ -494,6 +503,7 @@ class Connection:
                     err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if err:
                     raise OSError(err, os.strerror(err))
+                self._ticket = ticket
                 return sock
             except TimeoutError:
                 errors.append(f"{peer_text(target)}: connect timeout")
@@ -503,9 +513,30 @@ class Connection:
                 errors.append(f"{peer_text(target)}: {why}")
             except BaseException:
                 sock.close()
+                if ticket is not None:
+                    self.relay.shortcut.finish(ticket)  # type: ignore[union-attr]
                 raise
             sock.close()
+            if ticket is not None:
+                self.relay.shortcut.finish(ticket)  # type: ignore[union-attr]
         raise _Rejected("connect_failed", "; ".join(errors))
+
+    def _shortcut_ticket(self, sock: socket.socket, target: tuple[str, int]) -> Any:
+        """Register the connection for the local-backend short-circuit when it is on and `target`
+        is one of this host's addresses (a Ticket), else None. A failed registration is logged by
+        the Shortcut and leaves the connection on the normal path (access log `shortcut_fallback`)."""
+        shortcut = self.relay.shortcut
+        if shortcut is None or self.client is None:
+            return None
+        ip = ipaddress.ip_address(target[0])
+        local = self.policy.is_local(ip) if self.policy.is_local is not None else ip.is_loopback
+        if not local:
+            return None
+        ticket = shortcut.prepare(self.client, sock, target)
+        if isinstance(ticket, str):
+            self._shortcut_refused = ticket
+            return None
+        return ticket
 
     async def _send_alert(self, description: tls.AlertDescription) -> None:
         if self.client is None:
@@ -551,4 +582,10 @@ class Connection:
             event["splice_fallback"] = result.fallback_reason
         if result and result.kernel_bytes:
             event["kernel_bytes"] = result.kernel_bytes
+        if result and result.shortcut:
+            event["shortcut"] = True
+            event["shortcut_bytes"] = result.shortcut_bytes
+        elif result and (result.shortcut_fallback or self._shortcut_refused):
+            event["shortcut"] = False
+            event["shortcut_fallback"] = result.shortcut_fallback or self._shortcut_refused
         getattr(access_log, access_level(outcome))("access", **event)

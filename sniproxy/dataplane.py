@@ -20,6 +20,53 @@ log = structlog.get_logger("sniproxy.dataplane")
 
 @contextlib.contextmanager
 def open_relay(config: EbpfConfig) -> Iterator[Relay]:
+    """The relay for this configuration, with the local-backend short-circuit when
+    [ebpf] shortcut_cgroup is set and loads (either mode: it only moves backend -> client)."""
+    with _open_relay(config) as relay, open_shortcut(config) as shortcut:
+        relay.shortcut = shortcut
+        yield relay
+
+
+@contextlib.contextmanager
+def open_shortcut(config: EbpfConfig) -> Iterator[object | None]:
+    """The sock_ops program attached to [ebpf] shortcut_cgroup for the block, detached after; None
+    when unset or when it cannot load (logged with the reason: like splice it fails open, the
+    connections then take the loopback path)."""
+    if config.shortcut_cgroup is None:
+        yield None
+        return
+    try:
+        from sniproxy.kernel.probe import probe
+        from sniproxy.kernel.shortcut import ShortcutMaps
+        from sniproxy.relay.shortcut import Shortcut
+    except ImportError as exc:
+        log.warning("shortcut", enabled=False, reason=f"kernel data plane not importable: {exc}")
+        yield None
+        return
+    support = probe()
+    if not support.available:
+        log.warning("shortcut", enabled=False, reason=support.reason)
+        yield None
+        return
+    try:
+        maps = ShortcutMaps.load(config.shortcut_cgroup, config.pin_dir)
+    except Exception as exc:  # KernelError and anything BCC raises
+        log.warning("shortcut", enabled=False, cgroup=config.shortcut_cgroup, reason=str(exc))
+        yield None
+        return
+    try:
+        log.info("shortcut", enabled=True, cgroup=config.shortcut_cgroup, programs=maps.prog_ids)
+        yield Shortcut(maps, config.shortcut_cgroup)
+    finally:
+        totals = {}
+        with contextlib.suppress(OSError):
+            totals = maps.stats().as_dict()
+        maps.close()
+        log.info("shortcut_detached", cgroup=config.shortcut_cgroup, **totals)
+
+
+@contextlib.contextmanager
+def _open_relay(config: EbpfConfig) -> Iterator[Relay]:
     copy = Relay()
     if not config.splice:
         log.info("relay_mode", mode="copy", reason="splice disabled by [ebpf] splice = false")

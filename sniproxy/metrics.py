@@ -213,7 +213,10 @@ def connection_closed(conn: Connection, outcome: str, result: RelayResult | None
         # counted under the path that moved it (what the kernel redirected, the rest copied).
         up_kernel, down_kernel = result.kernel_up, result.kernel_down
         m.bytes_by[("up", "copy")].inc(result.bytes_up - up_kernel)
-        m.bytes_by[("down", "copy")].inc(result.bytes_down - down_kernel)
+        # The local-backend short-circuit's bytes (backend -> client, sk_msg) have a path of their own.
+        m.bytes_by[("down", "copy")].inc(result.bytes_down - down_kernel - result.shortcut_bytes)
+        if result.shortcut_bytes:
+            m.bytes_by[("down", "shortcut")].inc(result.shortcut_bytes)
         if up_kernel or down_kernel or result.mode == "splice":
             m.bytes_by[("up", "kernel")].inc(up_kernel)
             m.bytes_by[("down", "kernel")].inc(down_kernel)

@@ -96,8 +96,51 @@ def _is_accepted(local: str, listening: set[tuple[str, int]]) -> bool:
     return any(int(port) == lport and laddr in (host, "0.0.0.0", "::") for laddr, lport in listening)
 
 
+def collect_shortcut(pin_dir: str, top: int = 10) -> dict[str, Any] | None:
+    """The local-backend short-circuit's part ([ebpf] shortcut_cgroup), or None when its maps are
+    not pinned: totals, and the registered connections (backend end, proxy end, whether captured,
+    the bytes the sk_msg program redirected to the client)."""
+    from sniproxy.kernel import shortcut
+
+    if not os.path.exists(os.path.join(pin_dir, "shortcut_stats")):
+        return None
+    fds: list[int] = []
+    try:
+        stats_fd = _open(pin_dir, "shortcut_stats", ct.sizeof(shortcut.ShortcutStats))
+        fds.append(stats_fd)
+        conns_fd = _open(pin_dir, "shortcut_conns", ct.sizeof(shortcut.ShortcutConn))
+        fds.append(conns_fd)
+        totals = shortcut.read_stats(stats_fd).as_dict()
+        entries = shortcut.entries(conns_fd)
+    except OSError as exc:
+        raise StatsError(f"reading the shortcut maps under {pin_dir} failed: {exc}") from None
+    finally:
+        for fd in fds:
+            os.close(fd)
+    states = {shortcut.EXPECTED: "expected", shortcut.CAPTURED: "captured", shortcut.REFUSED: "refused"}
+    connections = []
+    for key, conn in entries:
+        backend_end, proxy_end = shortcut.key_text(key)
+        connections.append({"backend": backend_end, "proxy": proxy_end, "state": states.get(conn.state, "?"),
+                            "redir_bytes": conn.redir_bytes, "redir_msgs": conn.redir_msgs,
+                            "drop_msgs": conn.drop_msgs})
+    connections.sort(key=lambda c: c["redir_bytes"], reverse=True)
+    return {"totals": totals, "connections_total": len(connections),
+            "captured": sum(c["state"] == "captured" for c in connections), "connections": connections[:top]}
+
+
 def collect(pin_dir: str, top: int = 10) -> dict[str, Any]:
     """Everything `sniproxy stats` prints, as plain data."""
+    short = collect_shortcut(pin_dir, top)
+    if short is not None and not os.path.exists(os.path.join(pin_dir, "traffic_stats")):
+        return {"pin_dir": pin_dir, "shortcut": short}  # [ebpf] splice = false, shortcut on
+    report = _collect_splice(pin_dir, top)
+    if short is not None:
+        report["shortcut"] = short
+    return report
+
+
+def _collect_splice(pin_dir: str, top: int) -> dict[str, Any]:
     fds: list[int] = []
     try:
         traffic_fd = _open(pin_dir, "traffic_stats", ct.sizeof(maps.TrafficStats))
@@ -217,7 +260,25 @@ def _size(n: int | None) -> str:
     raise AssertionError(n)
 
 
+def render_shortcut(short: dict[str, Any]) -> list[str]:
+    t = short["totals"]
+    lines = [
+        f"shortcut        {short['captured']} captured of {short['connections_total']} registered connection(s); "
+        f"ever captured {t['captured']}, refused {t['refused']} (map full or insert failed), other "
+        f"connections seen in the cgroup {t['foreign']}",
+        f"shortcut bytes  {t['redir_bytes']} ({_size(t['redir_bytes'])}) redirected backend -> client in "
+        f"{t['redir_msgs']} message(s); refused (client gone) {t['drop_msgs']}",
+    ]
+    if short["connections"]:
+        lines.append(f"{'REDIRECTED':>10} {'STATE':>9}  BACKEND <- PROXY")
+        for conn in short["connections"]:
+            lines.append(f"{_size(conn['redir_bytes']):>10} {conn['state']:>9}  {conn['backend']} <- {conn['proxy']}")
+    return lines
+
+
 def render(report: dict[str, Any]) -> list[str]:
+    if "totals" not in report:
+        return [f"pin_dir {report['pin_dir']}", *render_shortcut(report["shortcut"])]
     t = report["totals"]
     lines = [
         f"pin_dir {report['pin_dir']}",
@@ -236,6 +297,9 @@ def render(report: dict[str, Any]) -> list[str]:
             lines.append(f"{_size(conn['bytes']):>10} {_size(conn['bytes_up']):>10} "
                          f"{_size(conn['bytes_down']):>10} {conn['age_seconds']:>7.1f}s "
                          f"{conn['idle_seconds']:>7.1f}s  {ends}")
+    if report.get("shortcut"):
+        lines.append("")
+        lines.extend(render_shortcut(report["shortcut"]))
     return lines
 
 

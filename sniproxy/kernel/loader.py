@@ -32,6 +32,33 @@ _NR_BPF = 321  # x86_64
 _BPF_OBJ_PIN = 6
 
 
+def btf_offsets(fields: dict[str, tuple[str, ...]]) -> dict[tuple[str, str], int]:
+    """Byte offsets of struct members in the running kernel, from its BTF (bpftool): {(struct,
+    member): offset} for every member asked for in `fields` ({struct: (member, ...)}). Raises
+    KernelError naming what is missing."""
+    try:
+        out = subprocess.run(["bpftool", "btf", "dump", "file", "/sys/kernel/btf/vmlinux", "format", "raw"],
+                             capture_output=True, text=True, check=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise KernelError("reading the kernel's BTF with bpftool failed", str(e)) from e
+    found: dict[tuple[str, str], int] = {}
+    current = None
+    for line in out.splitlines():
+        if line.startswith("["):
+            current = None
+            for struct in fields:
+                if f" STRUCT '{struct}' " in line and (struct, fields[struct][0]) not in found:
+                    current = struct
+        elif current is not None:
+            for member in fields[current]:
+                if line.strip().startswith(f"'{member}' ") and (current, member) not in found:
+                    found[(current, member)] = int(line.split("bits_offset=")[1].split()[0]) // 8
+    missing = [f"{s}.{m}" for s, ms in fields.items() for m in ms if (s, m) not in found]
+    if missing:
+        raise KernelError("the kernel's BTF lacks " + ", ".join(missing))
+    return found
+
+
 def tcp_bytes_acked_offset() -> int:
     """Byte offset of tcp_sock.bytes_acked in the running kernel, from its BTF (bpftool). BCC compiles
     against Debian's headers, which need not match the running kernel's struct layout, so the verdict

@@ -1,7 +1,10 @@
 # The relay layer: moves a routed connection's bytes until both sides are done. Every connection
 # starts in the userspace copy engine (relay.copy); with a splice table it is handed to the kernel
 # (relay.handoff, relay.spliced) once it has moved `splice_after` bytes either way, so a short
-# connection never costs a bpf() call. Invariant: Relay.relay() owns both sockets from the call on,
+# connection never costs a bpf() call. A connection to a local backend may also carry a short-circuit
+# ticket (relay.shortcut): the kernel then moves backend -> client itself and the phases here see
+# only the client's bytes and the backend's FIN/RST; the ticket is released after both sockets
+# closed, and its byte count folded into the result. Invariant: Relay.relay() owns both sockets from the call on,
 # delivers `first` to the backend before anything else, and closes both before it returns.
 from __future__ import annotations
 
@@ -26,6 +29,9 @@ class Relay:
     def __init__(self, table: object | None = None, *, splice_after: int = DEFAULT_SPLICE_AFTER,
                  sndbuf: int | None = None, rcvbuf: int | None = None) -> None:
         self.table = table
+        # The local-backend short-circuit (relay.shortcut.Shortcut), set by dataplane when
+        # [ebpf] shortcut_cgroup loads; None: off.
+        self.shortcut = None
         self.mode = "copy" if table is None else "splice"
         self.splice_after = splice_after
         self._buffer: bytearray | None = None
@@ -56,10 +62,29 @@ class Relay:
                                                                entries=count)
 
     async def relay(self, client: socket.socket, backend: socket.socket, first: bytes,
-                    idle_timeout: float) -> RelayResult:
+                    idle_timeout: float, ticket=None) -> RelayResult:  # noqa: ANN001
+        """`ticket`: the short-circuit registration of this connection (Shortcut.prepare), if any."""
+        if ticket is None:
+            return await self._relay(client, backend, first, idle_timeout, None)
+        try:
+            result = await self._relay(client, backend, first, idle_timeout, ticket)
+        finally:
+            # Both sockets are closed by now (or on the way out with an exception): release.
+            finished = self.shortcut.finish(ticket)  # type: ignore[attr-defined]
+        result.shortcut = finished.captured
+        result.shortcut_bytes = finished.moved(ticket, result.bytes_down)
+        result.shortcut_fallback = finished.reason
+        result.bytes_down += result.shortcut_bytes
+        return result
+
+    async def _relay(self, client: socket.socket, backend: socket.socket, first: bytes,
+                     idle_timeout: float, ticket) -> RelayResult:  # noqa: ANN001
         loop = asyncio.get_running_loop()
         handoff_at = None if self.table is None else self.splice_after
         copy = CopyPhase(loop, client, backend, idle_timeout, handoff_at)
+        if ticket is not None:
+            copy.activity = ticket.last_activity
+            copy.on_close = lambda: ticket.measure(client, copy.down.shut)
         fallback: str | None = None
         try:
             how = await copy.run(first)
@@ -71,7 +96,7 @@ class Relay:
                     copy.handoff_at = None
                     how = await copy.run()
                     continue
-                return await self._run_spliced(loop, copy, spliced, idle_timeout)
+                return await self._run_spliced(loop, copy, spliced, idle_timeout, ticket)
         except BaseException:
             copy.close(abort=True)
             raise
@@ -120,7 +145,7 @@ class Relay:
         return self._watcher
 
     async def _run_spliced(self, loop: asyncio.AbstractEventLoop, copy: CopyPhase, inserted,  # noqa: ANN001
-                           idle_timeout: float) -> RelayResult:
+                           idle_timeout: float, ticket=None) -> RelayResult:  # noqa: ANN001
         from .spliced import SplicedConnection
 
         assert self._buffer is not None
@@ -131,6 +156,8 @@ class Relay:
             await conn.run(watcher, idle_timeout)
         finally:
             copy.closed = True
+            if ticket is not None:
+                ticket.measure(copy.client, conn.down.finished)
             copy.client.close()
             copy.backend.close()
             # The counters live in the slots until they are reused: read them before giving them back.

@@ -26,6 +26,7 @@ FINISHED = "finished"
 
 
 _IN, _OUT, _ERR = select.EPOLLIN, select.EPOLLOUT, select.EPOLLERR | select.EPOLLHUP
+_TCP_CLOSE = 7  # tcp_info.tcpi_state
 
 
 class Poller:
@@ -86,6 +87,17 @@ class Flow:
         self.writing = False
 
 
+def _was_reset(sock: socket.socket) -> bool:
+    """At EOF on a socket whose sending side we did not shut (else CLOSE is the clean end of an
+    active close, the socket having passed into TIME_WAIT): whether it was in fact reset (TCP state
+    CLOSE, not CLOSE_WAIT) and another sender on it took the error first: the local-backend short-circuit's redirect does
+    (tcp_sendmsg's error path reads and clears sk_err), and recv() then returns 0 as for a FIN."""
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_CLOSE
+    except OSError:  # not TCP (a unix-socket backend)
+        return False
+
+
 def other(name: str) -> str:
     return "backend" if name == "client" else "client"
 
@@ -110,6 +122,12 @@ class CopyPhase:
         self._done: asyncio.Future[str] | None = None
         self._idle: asyncio.TimerHandle | None = None
         self._reset_side: str | None = None
+        # Bytes that bypass this engine (the local-backend short-circuit) still count as activity:
+        # returns their last time.monotonic(), or None.
+        self.activity: Callable[[], float | None] | None = None
+        # Called once just before the sockets are closed (the short-circuit reads the client's
+        # counters there).
+        self.on_close: Callable[[], None] | None = None
 
     # -- running -----------------------------------------------------------------------------------
     async def run(self, first: bytes = b"") -> str:
@@ -156,6 +174,10 @@ class CopyPhase:
             return
         self.last_activity = time.monotonic()
         if not data:
+            back = self.down if flow is self.up else self.up  # the flow writing into flow.src
+            if not back.shut and _was_reset(flow.src):
+                self._reset(flow.name)
+                return
             flow.eof = True
             self._stop_reading(flow)
             if flow.pending is None:
@@ -290,6 +312,11 @@ class CopyPhase:
 
     def _watch_idle(self) -> None:
         remaining = self.last_activity + self.idle_timeout - time.monotonic()
+        if remaining <= 0 and self.activity is not None:
+            elsewhere = self.activity()
+            if elsewhere is not None and elsewhere > self.last_activity:
+                self.last_activity = elsewhere
+                remaining = self.last_activity + self.idle_timeout - time.monotonic()
         if remaining > 0:
             self._idle = self.loop.call_later(remaining, self._watch_idle)
             return
@@ -309,6 +336,8 @@ class CopyPhase:
             return
         self.detach()
         self.closed = True
+        if self.on_close is not None:
+            self.on_close()
         for sock in (self.client, self.backend):
             if abort:
                 with contextlib.suppress(OSError):

@@ -28,3 +28,9 @@ class RelayResult:
     kernel_bytes: int = 0  # of bytes_up + bytes_down: moved by the kernel's redirect
     kernel_up: int = 0  # of bytes_up: moved by the kernel's redirect (the metrics split by path)
     kernel_down: int = 0  # of bytes_down: likewise
+    # The local-backend short-circuit ([ebpf] shortcut_cgroup): whether the backend's socket was
+    # captured, the bytes_down its sk_msg redirect moved (included in bytes_down, not in
+    # kernel_bytes), and why a registered connection was not captured.
+    shortcut: bool = False
+    shortcut_bytes: int = 0
+    shortcut_fallback: str | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import select
 import socket
@@ -28,6 +29,7 @@ _HANGUP = select.EPOLLRDHUP | select.EPOLLONESHOT
 _TCPI_LAST_DATA_SENT = 44  # u32 ms, struct tcp_info
 _TCPI_LAST_DATA_RECV = 52
 _TCPI_BYTES_ACKED = 120  # u64
+_TCP_CLOSE = 7  # tcp_info.tcpi_state
 
 
 def written_total(sock: socket.socket) -> int:
@@ -161,6 +163,12 @@ class _Direction:
         err = 0
         with contextlib.suppress(OSError):
             err = self.src.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            back = self.pair.down if self is self.pair.up else self.pair.up  # writes into self.src
+            if not err and events & select.EPOLLHUP and not back.finished and \
+                    self.src.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_CLOSE:
+                # Reset, its error already taken by another sender on this socket: the local-backend
+                # short-circuit's redirect (tcp_sendmsg's error path reads and clears sk_err).
+                err = errno.ECONNRESET
         if err or (events & select.EPOLLERR):
             self.pair.reset_by(self.name)
         else:

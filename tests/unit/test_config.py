@@ -361,6 +361,10 @@ ERROR_CASES = [
     pytest.param([MINIMAL, "[ebpf]\npin_dir = 'sys/fs/bpf'"], "ebpf.pin_dir", "absolute", id="pin-dir-relative"),
     pytest.param([MINIMAL, "[ebpf]\nsplice_after = -1"], "ebpf.splice_after", "between 0 and", id="splice-after-negative"),
     pytest.param([MINIMAL, "[ebpf]\nsplice_after = '1M'"], "ebpf.splice_after", "integer", id="splice-after-string"),
+    pytest.param([MINIMAL, "[ebpf]\nshortcut_cgroup = 'system.slice'"], "ebpf.shortcut_cgroup", "absolute",
+                 id="shortcut-cgroup-relative"),
+    pytest.param([MINIMAL, "[ebpf]\nshortcut_cgroup = 1"], "ebpf.shortcut_cgroup", "string",
+                 id="shortcut-cgroup-not-string"),
     pytest.param([MINIMAL, "[server]\nworkers = 0"], "server.workers", "between 1 and 16", id="workers-zero"),
     pytest.param([MINIMAL, "[server]\nworkers = 17"], "server.workers", "between 1 and 16", id="workers-above-rings"),
     pytest.param([MINIMAL, "[server]\nworkers = 'all'"], "server.workers", '"auto"', id="workers-word"),
@@ -599,3 +603,9 @@ def test_cidrs_with_host_bits_are_refused_like_xdp_allow(snippet, key_path):
         parse_config(snippet)
     assert info.value.key_path == key_path
     assert "has host bits set" in info.value.reason and "did you mean 10.0.0.0/8?" in info.value.reason
+
+
+def test_shortcut_cgroup_is_off_by_default_and_kept_as_given():
+    assert cfg(MINIMAL).ebpf.shortcut_cgroup is None
+    config = cfg(MINIMAL, "[ebpf]\nshortcut_cgroup = '/sys/fs/cgroup/system.slice/nginx.service'")
+    assert config.ebpf.shortcut_cgroup == "/sys/fs/cgroup/system.slice/nginx.service"
