@@ -62,15 +62,19 @@ def stream_bytes(size: int) -> bytes:
     return (_CHUNK * (size // len(_CHUNK) + 1))[:size]
 
 
-def source(port: int, conns: int, size: int) -> None:
+def source(port: int, conns: int, size: int, burst: int = 0, pause: float = 0.0) -> None:
     def run(results: list[float]) -> None:
         sock = socket.create_connection(("127.0.0.1", port))
         sock.sendall(b"HELLO\n")
         left = size
         view = memoryview(_CHUNK)
+        next_pause = burst
         while left:
             off = (size - left) % len(view)  # a continuous stream, whatever send() took
             left -= sock.send(view[off: off + min(len(view) - off, left)])
+            if burst and size - left >= next_pause:
+                time.sleep(pause)
+                next_pause += burst
         sock.shutdown(socket.SHUT_WR)
         while sock.recv(65536):
             pass
@@ -98,11 +102,13 @@ def main() -> None:
     c.add_argument("--port", type=int, required=True)
     c.add_argument("--conns", type=int, default=1)
     c.add_argument("--bytes", type=int, required=True)
+    c.add_argument("--burst", type=int, default=0, help="pause after every this many bytes (0: never)")
+    c.add_argument("--pause", type=float, default=0.0, help="seconds of each pause")
     args = ap.parse_args()
     if args.cmd == "sink":
         sink(args.conns, args.rate, args.sha256)
     else:
-        source(args.port, args.conns, args.bytes)
+        source(args.port, args.conns, args.bytes, args.burst, args.pause)
 
 
 if __name__ == "__main__":
