@@ -1,18 +1,21 @@
 # The relay layer: moves a routed connection's bytes until both sides are done. Every connection
 # starts in the userspace copy engine (relay.copy); with a splice table it is handed to the kernel
 # (relay.handoff, relay.spliced) once it has moved `splice_after` bytes either way, so a short
-# connection never costs a bpf() call. Invariant: Relay.relay() owns both sockets from the call on,
-# delivers `first` to the backend before anything else, and closes both before it returns.
+# connection never costs a bpf() call. Invariant: Relay.start() (and its awaitable form relay()) owns
+# both sockets from the call on, delivers `first` to the backend before anything else, closes both,
+# and reports exactly once. A connection that is never handed off runs on callbacks only; the
+# hand-off and the kernel phase run in a task of their own.
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import socket
+from collections.abc import Callable
 
-from .copy import FINISHED, CopyPhase
+from .copy import FINISHED, HANDOFF, CopyPhase
 from .result import Outcome, RelayResult
 
-__all__ = ["Outcome", "Relay", "RelayResult"]
+__all__ = ["Outcome", "Relay", "RelayResult", "Running"]
 
 # Default [ebpf] splice_after: at ~110 us of extra proxy CPU per handed-off pair, the kernel path
 # pays for itself from about 1 MB moved (docs/benchmarks.md).
@@ -36,6 +39,11 @@ class Relay:
 
             self.sndbuf = DEFAULT_SNDBUF if sndbuf is None else sndbuf
 
+    @property
+    def handoff_at_once(self) -> bool:
+        """splice_after = 0: every pair goes to the kernel as soon as the first bytes are written."""
+        return self.table is not None and self.splice_after == 0
+
     def use_worker(self, index: int, workers: int = 1) -> None:
         """Called once in a worker process ([server] workers), after the fork, before relaying: pairs
         handed off here wake this worker's ring and use its share of the slots."""
@@ -53,30 +61,80 @@ class Relay:
                 structlog.get_logger("sniproxy.relay").warning("worker_pairs_forgotten", worker=index,
                                                                entries=count)
 
+    def start(self, loop: asyncio.AbstractEventLoop, client: socket.socket, backend: socket.socket,
+              first: bytes, idle_timeout: float, on_done: Callable[[RelayResult | BaseException], None],
+              sent: int = 0) -> Running:
+        """Relay from callbacks: on_done(result) once both sockets are closed (or the exception of a
+        bug). `sent`: bytes of the client's already written to the backend (a connect that completed
+        with the first write), counted in bytes_up."""
+        running = Running(self, loop, client, backend, idle_timeout, on_done)
+        running.copy.start(running.copy_ended, first, sent)
+        return running
+
     async def relay(self, client: socket.socket, backend: socket.socket, first: bytes,
                     idle_timeout: float) -> RelayResult:
+        """start() as an awaitable; cancelled, it cuts the connection and returns once it is closed."""
         loop = asyncio.get_running_loop()
-        handoff_at = None if self.table is None else self.splice_after
-        copy = CopyPhase(loop, client, backend, idle_timeout, handoff_at)
+        done: asyncio.Future[RelayResult | BaseException] = loop.create_future()
+        running = self.start(loop, client, backend, first, idle_timeout,
+                             lambda r: done.done() or done.set_result(r))
+        try:
+            result = await asyncio.shield(done)
+        except asyncio.CancelledError:
+            running.cancel()
+            await asyncio.wait([done])
+            raise
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def copied(self, copy: CopyPhase, fallback: str | None) -> RelayResult:
+        if self.table is not None and fallback is None:
+            fallback = f"moved under [ebpf] splice_after = {self.splice_after} bytes"
+        return RelayResult(mode="copy", bytes_up=copy.up.moved, bytes_down=copy.down.moved,
+                           outcome=copy.outcome or Outcome.CLOSED, fallback_reason=fallback)
+
+    def hand_off_now(self, copy: CopyPhase):  # noqa: ANN201
+        """The hand-off without waiting, when nothing waits in either receive queue (the usual case
+        right after the first bytes): the kernel takes the pair in the callback that wrote them,
+        before the backend can answer. None: something (or a FIN) waits; the task flushes it."""
+        from .handoff import READ_BUFFER, Refused, insert
+
+        if self._buffer is None:
+            self._buffer = bytearray(READ_BUFFER)  # the kernel phase's, for what it forwards itself
+        copy.detach()
+        for sock in (copy.client, copy.backend):
+            try:
+                sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                return None
+            return None
+        try:
+            return insert(self.table, copy.client, copy.backend, self.sndbuf)  # type: ignore[arg-type]
+        except Refused as exc:
+            return str(exc)
+
+    async def after_handoff(self, loop: asyncio.AbstractEventLoop, copy: CopyPhase, now=None) -> RelayResult:  # noqa: ANN001
+        """The copy phase stopped at a quiet point: hand the pair to the kernel, or keep copying.
+        `now`: what hand_off_now() gave (None: nothing yet)."""
+        how = HANDOFF
         fallback: str | None = None
         try:
-            how = await copy.run(first)
             while how != FINISHED:
                 # A quiet point: hand the pair to the kernel, or say why not and keep copying.
-                spliced = await self._hand_off(loop, copy)
+                spliced, now = (now if now is not None else await self._hand_off(loop, copy)), None
                 if isinstance(spliced, str):
                     fallback = spliced
                     copy.handoff_at = None
                     how = await copy.run()
                     continue
-                return await self._run_spliced(loop, copy, spliced, idle_timeout)
+                return await self._run_spliced(loop, copy, spliced, copy.idle_timeout)
         except BaseException:
             copy.close(abort=True)
             raise
-        if self.table is not None and fallback is None:
-            fallback = f"moved under [ebpf] splice_after = {self.splice_after} bytes"
-        return RelayResult(mode="copy", bytes_up=copy.up.moved, bytes_down=copy.down.moved,
-                           outcome=copy.outcome or Outcome.CLOSED, fallback_reason=fallback)
+        return self.copied(copy, fallback)
 
     async def _hand_off(self, loop: asyncio.AbstractEventLoop, copy: CopyPhase):  # noqa: ANN202
         from .handoff import Refused, flush_waiting, insert
@@ -134,3 +192,49 @@ class Relay:
             kernel_up=up_kernel,
             kernel_down=down_kernel,
         )
+
+
+class Running:
+    """One connection being relayed: the copy phase on callbacks, then (after a hand-off point) a task
+    for the hand-off and the kernel phase. cancel() cuts it; on_done follows (at once while copying)."""
+
+    __slots__ = ("relay", "loop", "copy", "on_done", "task")
+
+    def __init__(self, relay: Relay, loop: asyncio.AbstractEventLoop, client: socket.socket,
+                 backend: socket.socket, idle_timeout: float,
+                 on_done: Callable[[RelayResult | BaseException], None]) -> None:
+        self.relay = relay
+        self.loop = loop
+        handoff_at = None if relay.table is None else relay.splice_after
+        self.copy = CopyPhase(loop, client, backend, idle_timeout, handoff_at)
+        self.on_done = on_done
+        self.task: asyncio.Task[None] | None = None
+
+    def copy_ended(self, how: str) -> None:
+        if how == FINISHED:
+            self.on_done(self.relay.copied(self.copy, None))
+            return
+        try:
+            now = self.relay.hand_off_now(self.copy)
+        except Exception as exc:  # a bug: the connection reports it (access log internal_error)
+            self.copy.close(abort=True)
+            self.on_done(exc)
+            return
+        self.task = self.loop.create_task(self._after_handoff(now))
+
+    async def _after_handoff(self, now) -> None:  # noqa: ANN001
+        try:
+            result: RelayResult | BaseException = await self.relay.after_handoff(self.loop, self.copy, now)
+        except asyncio.CancelledError:
+            copy = self.copy
+            result = RelayResult(mode="copy", bytes_up=copy.up.moved, bytes_down=copy.down.moved,
+                                 outcome=Outcome.SHUTDOWN)
+        except Exception as exc:  # a bug: the connection reports it (access log internal_error)
+            result = exc
+        self.on_done(result)
+
+    def cancel(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        else:
+            self.copy.cancel()
