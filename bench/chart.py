@@ -14,6 +14,8 @@ PANELS = [
     ("bulk8_gbps", "bulk, 8 streams (Gbit/s, higher is better)"),
     ("rate_kcps", "connection rate, 32 clients (k/s, higher is better)"),
     ("rate_p99_ms", "connection latency p99 (ms, lower is better)"),
+    ("latency1_p50_us", "latency, 1 connection in flight, p50 (us, lower is better)"),
+    ("proxy_us_per_conn", "proxy CPU per connection (us, lower is better)"),
     ("machine_cpu_s_per_gb", "whole-machine CPU per GB moved (s, lower is better)"),
     ("idle_rss_kib_per_conn", "proxy RSS per idle connection (KiB, lower is better)"),
 ]
@@ -53,7 +55,7 @@ def render(results: dict[str, Any], out: Path) -> Path:
     labels = [SHORT.get(t["key"], t["label"]) for t in targets]
     colors = [DIRECT_COLOR if t["key"] == "direct" else OURS_COLOR if t["key"].startswith("ours") else PEER_COLOR
               for t in targets]
-    fig, axes = plt.subplots(2, 3, figsize=(17, 9.5))
+    fig, axes = plt.subplots(2, 4, figsize=(22, 9.5))
     for ax, (key, title) in zip(axes.flat, PANELS):
         values = [summary[t["key"]][key]["best"] for t in targets]
         heights = [v if v is not None else 0 for v in values]

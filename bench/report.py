@@ -21,6 +21,7 @@ METRICS = [
     Metric("rate_kcps", "conn rate, k conns/s", True, "{:.2f}"),
     Metric("rate_p50_ms", "conn latency p50, ms", False, "{:.2f}"),
     Metric("rate_p99_ms", "conn latency p99, ms", False, "{:.2f}"),
+    Metric("latency1_p50_us", "latency, 1 in flight, p50 us", False, "{:.0f}"),
     Metric("proxy_us_per_conn", "proxy CPU us/conn", False, "{:.0f}"),
     Metric("proxy_cpu_s_per_gb", "proxy CPU s/GB", False, "{:.3f}"),
     Metric("machine_cpu_s_per_gb", "machine CPU s/GB", False, "{:.3f}"),
@@ -52,6 +53,9 @@ def rep_figures(rep: dict[str, Any]) -> dict[str, float | None]:
         out["rate_p50_ms"] = rate["p50_us"] / 1000
         out["rate_p99_ms"] = rate["p99_us"] / 1000
         out["proxy_us_per_conn"] = rate["proxy_us_per_conn"] if rep["proxy"] else None
+    latency = rep.get("latency")
+    if latency and latency["ok"]:
+        out["latency1_p50_us"] = latency["p50_us"]
     if idle and idle["open"]:
         out["idle_rss_kib_per_conn"] = idle["rss_kib_per_conn"]
         out["idle_kernel_kib_per_conn"] = idle["kernel_kib_per_conn"]

@@ -38,6 +38,10 @@ from bench import chart, native, peers, procs, report, workloads  # noqa: E402
 RESULTS = REPO / "bench" / "results"
 
 
+# What one repetition runs, in this order (--workloads picks a subset).
+WORKLOADS = ("idle", "checks", "rate", "latency", "bulk")
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -89,13 +93,20 @@ def run_target(bench: workloads.Bench, target: peers.Target, workdir: Path, back
         return rep
     rep["relay_mode"] = target.relay_mode
     try:
-        attempt(rep, "idle", workloads.idle, bench, target, settings["idle_conns"])
-        attempt(rep, "early_data", workloads.early_data, bench, target)
-        attempt(rep, "half_close", workloads.half_close, bench, target)
-        attempt(rep, "rate", workloads.rate, bench, target, settings["rate_seconds"], settings["clients"],
-                settings["rate_threads"])
-        attempt(rep, "bulk1", workloads.bulk, bench, target, 1, settings["bulk_seconds"])
-        attempt(rep, "bulk8", workloads.bulk, bench, target, 8, settings["bulk_seconds"])
+        only = settings.get("workloads") or WORKLOADS
+        if "idle" in only:
+            attempt(rep, "idle", workloads.idle, bench, target, settings["idle_conns"])
+        if "checks" in only:
+            attempt(rep, "early_data", workloads.early_data, bench, target)
+            attempt(rep, "half_close", workloads.half_close, bench, target)
+        if "rate" in only:
+            attempt(rep, "rate", workloads.rate, bench, target, settings["rate_seconds"], settings["clients"],
+                    settings["rate_threads"])
+        if "latency" in only:
+            attempt(rep, "latency", workloads.latency, bench, target, settings["latency_seconds"])
+        if "bulk" in only:
+            attempt(rep, "bulk1", workloads.bulk, bench, target, 1, settings["bulk_seconds"])
+            attempt(rep, "bulk8", workloads.bulk, bench, target, 8, settings["bulk_seconds"])
         if target.proxy and isinstance(target, peers.ProcessTarget) and not target.alive():
             rep.setdefault("errors", {})["process"] = f"exited during the run:\n{target.log_tail(1500)}"
     finally:
@@ -116,6 +127,10 @@ def progress_line(rep: dict[str, Any]) -> str:
     if "rate" in rep:
         r = rep["rate"]
         parts.append(f"rate {r['conns_per_s'] / 1000:.1f}k/s p99 {r['p99_us'] / 1000:.2f} ms")
+        if r.get("proxy_us_per_conn"):
+            parts.append(f"{r['proxy_us_per_conn']:.0f} us/conn")
+    if "latency" in rep:
+        parts.append(f"1 in flight p50 {rep['latency']['p50_us']:.0f} us")
     for k in ("bulk1", "bulk8"):
         if k in rep:
             b = rep[k]
@@ -129,6 +144,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=2, help="repetitions; the best is reported (default 2)")
     p.add_argument("--bulk-seconds", type=float, default=3.0, help="length of each bulk run (default 3)")
     p.add_argument("--rate-seconds", type=float, default=3.0, help="length of each rate run (default 3)")
+    p.add_argument("--latency-seconds", type=float, default=2.0,
+                   help="length of the run with one connection in flight (default 2)")
+    p.add_argument("--workloads", default=",".join(WORKLOADS),
+                   help=f"comma-separated subset of {','.join(WORKLOADS)} (default: all)")
     p.add_argument("--clients", type=int, default=32, help="connections in flight in the rate run")
     p.add_argument("--rate-threads", type=int, default=2, help="load generator threads in the rate run")
     p.add_argument("--idle-conns", type=int, default=10000,
@@ -164,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     now = datetime.datetime.now(datetime.timezone.utc)
     settings = {"reps": args.reps, "bulk_seconds": args.bulk_seconds, "rate_seconds": args.rate_seconds,
                 "clients": args.clients, "rate_threads": args.rate_threads, "idle_conns": idle_conns,
+                "latency_seconds": args.latency_seconds, "workloads": args.workloads.split(","),
                 "idle_conns_requested": args.idle_conns}
     if idle_conns < args.idle_conns:
         log(f"run_all: holding {idle_conns} idle connections, not {args.idle_conns}: the fd hard limit is "
@@ -232,7 +252,7 @@ def _legend(results: dict[str, Any]) -> str:
     return (f"\nbest of {s['reps']}; ±: half the range between repetitions, relative to the best; ^ higher is "
             f"better, v lower is better.\nbulk: {s['bulk_seconds']:g} s uploads after a real ClientHello, "
             f"throughput at the sink; rate: {s['clients']} clients, {s['rate_seconds']:g} s, latency = connect "
-            f"to 1-byte answer; idle: {s['idle_conns']} connections held open (kernel = socket buffers + slab, "
+            f"to 1-byte answer; 1 in flight: the same with one client, {s.get('latency_seconds', 2):g} s; idle: {s['idle_conns']} connections held open (kernel = socket buffers + slab, "
             f"all sockets of the path).\n{m['cpus']} x {m['cpu_model']}, {m['mem_gib']:.0f} GiB, Linux "
             f"{m['kernel']}, Debian {m['debian']}, {results['date']}; background load before the run "
             f"{m['background_busy_pct']:.0f}% (loadavg {' '.join(m['loadavg'])}).")

@@ -1,5 +1,6 @@
-# The five workloads, each run against one started target: bulk streams, connection rate, idle
-# memory, and two correctness checks (data right after the ClientHello; half-close then reply).
+# The six workloads, each run against one started target: bulk streams, connection rate, latency with
+# one connection in flight, idle memory, and two correctness checks (data right after the ClientHello;
+# half-close then reply).
 # Each returns a plain dict of raw figures for the JSON file; nothing here decides pass/fail targets.
 from __future__ import annotations
 
@@ -98,6 +99,12 @@ def rate(bench: Bench, target: Target, seconds: float, clients: int, threads: in
         "proxy_us_per_conn": cpu["proxy"] / ok * 1e6 if ok else None,
         "cpu": _with_others(cpu, loadgen_cpu),
     }
+
+
+def latency(bench: Bench, target: Target, seconds: float) -> dict[str, Any]:
+    """One connection in flight at a time (no queueing): connect, ClientHello, the backend's 1-byte
+    answer. Its p50 is the per-connection latency the proxy adds, not a queue's length."""
+    return rate(bench, target, seconds, 1, 1)
 
 
 def warm_up(bench: Bench, target: Target) -> None:

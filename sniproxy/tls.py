@@ -181,11 +181,41 @@ class ClientHelloReader:
         if self._error is not None:
             raise ClientHelloError(self._error.reason, self._error.detail)
         try:
+            if not self._records_seen and not self._record_header and type(data) is bytes:
+                hello = self._whole(data)
+                if hello is not None:
+                    self._result = hello
+                    return hello
             return self._consume(memoryview(data))
         except ClientHelloError as exc:
             self._error = exc
             self._release()
             raise
+
+    def _whole(self, data: bytes) -> ClientHello | None:
+        """The fast path: the first bytes hold one record that is exactly one well-formed ClientHello
+        (what every client sends in one segment). None for anything else, including anything
+        malformed: the general path then takes the same bytes and says exactly what is wrong."""
+        if len(data) < 9 or data[0] != _CONTENT_TYPE_HANDSHAKE or data[1] != 3 or data[5] != _HANDSHAKE_CLIENT_HELLO:
+            return None
+        record_end = 5 + (data[3] << 8 | data[4])
+        length = data[6] << 16 | data[7] << 8 | data[8]
+        if record_end > len(data) or record_end - 9 != length or length > self._max_size \
+                or record_end - 5 > _MAX_PLAINTEXT_RECORD:
+            return None
+        found = _scan_client_hello(data, 9, record_end)
+        if found is None:
+            return None
+        version, sni, alpn = found
+        host = _fast_server_name(data, *sni) if sni is not None else None
+        if sni is not None and host is None:
+            return None
+        protocols = _fast_alpn(data, *alpn) if alpn is not None else ()
+        if protocols is None:
+            return None
+        # The host name's rules (labels, IP literals) are checked here as on the general path.
+        return ClientHello(sni=_validate_hostname(host) if host is not None else None, alpn=protocols,
+                           legacy_version=version, record_bytes=record_end)
 
     def _release(self) -> None:
         self._record_header = bytearray()
@@ -322,6 +352,85 @@ class _Cursor:
     def end(self) -> None:
         if self.remaining:
             raise ClientHelloError(self._junk, f"{self._what}: {self.remaining} trailing bytes")
+
+
+def _scan_client_hello(b: bytes, pos: int, end: int) -> tuple[int, tuple[int, int] | None, tuple[int, int] | None] | None:
+    """The fast path's walk over a ClientHello body b[pos:end]: (legacy_version, where the SNI
+    extension is, where the ALPN extension is), or None at the first thing that is not plainly well
+    formed (the general parser then names it). Indexes the bytes; makes no slice or object."""
+    if end - pos < 38:
+        return None
+    version = b[pos] << 8 | b[pos + 1]
+    p = pos + 34  # legacy_version, random
+    session_id = b[p]
+    p += 1 + session_id
+    if version >> 8 != 3 or session_id > _MAX_SESSION_ID or p + 2 > end:
+        return None
+    suites = b[p] << 8 | b[p + 1]
+    p += 2 + suites
+    if suites < 2 or suites & 1 or p + 1 > end:
+        return None
+    methods = b[p]
+    p += 1 + methods
+    if methods < 1 or p > end:
+        return None
+    sni = alpn = None
+    if p == end:
+        return version, None, None
+    if p + 2 > end or p + 2 + (b[p] << 8 | b[p + 1]) != end:
+        return None
+    p += 2
+    seen = set()
+    while p < end:
+        if end - p < 4:
+            return None
+        kind = b[p] << 8 | b[p + 1]
+        length = b[p + 2] << 8 | b[p + 3]
+        p += 4
+        if length > end - p or kind in seen:
+            return None
+        seen.add(kind)
+        if kind == _EXT_SERVER_NAME:
+            sni = (p, p + length)
+        elif kind == _EXT_ALPN:
+            alpn = (p, p + length)
+        p += length
+    return version, sni, alpn
+
+
+def _fast_server_name(b: bytes, pos: int, end: int) -> bytes | None:
+    """The one host_name of a server_name extension b[pos:end], or None if it is anything else."""
+    if end - pos < 5 or (b[pos] << 8 | b[pos + 1]) != end - pos - 2 or b[pos + 2] != _SNI_HOST_NAME:
+        return None
+    length = b[pos + 3] << 8 | b[pos + 4]
+    if length == 0 or pos + 5 + length != end:
+        return None
+    return b[pos + 5:end]
+
+
+_VISIBLE = re.compile(rb"[\x21-\x7e]+")
+
+
+def _fast_alpn(b: bytes, pos: int, end: int) -> tuple[str, ...] | None:
+    """The protocol names of an ALPN extension b[pos:end] without GREASE, or None if anything in it
+    is not plainly valid."""
+    if end - pos < 3 or (b[pos] << 8 | b[pos + 1]) != end - pos - 2:
+        return None
+    p = pos + 2
+    names = []
+    while p < end:
+        length = b[p]
+        p += 1
+        if length == 0 or p + length > end:
+            return None
+        name = b[p:p + length]
+        p += length
+        if length == 2 and name[0] == name[1] and name[0] & 0x0F == 0x0A:
+            continue  # GREASE
+        if _VISIBLE.fullmatch(name) is None:
+            return None
+        names.append(name.decode("ascii"))
+    return tuple(names)
 
 
 def _parse_client_hello(body: memoryview, record_bytes: int) -> ClientHello:
