@@ -49,6 +49,16 @@ async def _accept_hello_connect(cl: socket.socket, port: int) -> tuple[socket.so
     return proxy_client, first, proxy_backend
 
 
+def _endpoints():  # noqa: ANN202
+    """endpoints.py as a module (for stream_bytes, to check what the sink hashed)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("endpoints", ENDPOINTS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _proxy_cpu_seconds() -> float:
     with open("/proc/self/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -192,11 +202,7 @@ async def test_eight_fast_streams_all_splice_and_finish(relay, dataplane: DataPl
     one as the server does. Each must be spliced (not fall back to copy after its FIN because the
     event loop sat in another connection's pre-insertion read), finish within a bounded time, and
     arrive byte-exact."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("endpoints", ENDPOINTS)
-    endpoints = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(endpoints)
+    endpoints = _endpoints()
     streams, size = 8, 40_000_000
     loop = asyncio.get_running_loop()
     sink = subprocess.Popen([sys.executable, str(ENDPOINTS), "sink", "--conns", str(streams), "--sha256"],
@@ -234,11 +240,7 @@ async def test_holds_toward_a_fast_reader_end_and_keep_every_byte(relay, datapla
     last round is peeked, written, released, then taken) and the stream arrives whole and in order.
     (A sender that never pauses can keep one hold going for as long as it outruns the proxy, which is
     the benchmark's business, not a correctness question: hence the pauses.)"""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("endpoints", ENDPOINTS)
-    endpoints = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(endpoints)
+    endpoints = _endpoints()
     dataplane.set_queue_limit(1 << 20)
     size = 300_000_000
     loop = asyncio.get_running_loop()
