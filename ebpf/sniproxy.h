@@ -27,12 +27,17 @@
 #define SNIPROXY_DRAIN_MAX_FACTOR 8
 /* splice_slot.release_at value that keeps a direction in userspace until the proxy releases it. */
 #define SNIPROXY_HOLD_ALL 0xffffffffffffffffULL
+/* Head-overlap trimming (see splice.c, trim_overlap): bpf_skb_adjust_room removes at most 0xfff bytes
+ * a call, so an overlap of up to SNIPROXY_TRIM_ROUNDS * 4095 bytes (4 MiB) can be trimmed. */
+#define SNIPROXY_TRIM_STEP 4095
+#define SNIPROXY_TRIM_ROUNDS 1024
 
 /* Why the verdict started leaving bytes to userspace (splice_event.reason). */
 enum splice_hold_reason {
 	SPLICE_HOLD_NO_PEER = 1,       /* the peer is not in sock_map (not yet, or closed) */
 	SPLICE_HOLD_QUEUE = 2,         /* bytes in flight toward the peer above splice_cfg.queue_limit */
 	SPLICE_HOLD_REDIRECT_FAIL = 3, /* bpf_sk_redirect_hash failed */
+	SPLICE_HOLD_BROKEN = 4,        /* an skb repeats bytes already delivered and could not be trimmed */
 };
 
 /* Per-CPU counters (traffic_stats, one slot). Sum over CPUs for totals. */
@@ -49,6 +54,9 @@ struct traffic_stats {
 	__u64 unknown_pkts;  /* skbs of a socket without a slot (SK_PASS) */
 	__u64 events;        /* hold notifications written to splice_events */
 	__u64 events_lost;   /* hold notifications the ring buffer had no room for */
+	__u64 trim_pkts;     /* skbs that began before the socket's next unread byte (a partial retransmit) */
+	__u64 trim_bytes;    /* the repeated bytes cut off their heads */
+	__u64 trim_fail;     /* such skbs that could not be trimmed: their connection is reset */
 };
 
 /* Per spliced socket: one element of splice_state, an mmap-able array that the proxy reads and
@@ -76,6 +84,10 @@ struct splice_slot {
 	__u64 drain_ns;      /* when the verdict last sampled the peer's bytes_acked */
 	__u64 drain_acked;   /* the peer's bytes_acked then */
 	__u64 drain_room;    /* what the peer acknowledges in SNIPROXY_DRAIN_ROOM_NS at that sample's rate */
+	__u32 next_seq;      /* TCP sequence number of the next byte this socket has not delivered */
+	__u32 seq_known;     /* next_seq is set (from the socket's copied_seq at the first skb seen) */
+	__u64 trim_bytes;    /* repeated bytes cut off skb heads (see traffic_stats.trim_bytes) */
+	__u64 broken;        /* nonzero: an skb could not be trimmed; userspace must reset the pair */
 };
 
 /* Knobs (splice_cfg, one slot), set by userspace. */

@@ -6,8 +6,12 @@
  * Invariant: a redirect happens only while nothing this socket left to userspace is still unforwarded
  * (splice_slot.release_at) and the bytes in flight toward the peer are below the limit; otherwise
  * SK_PASS, never SK_DROP for an skb with data, so no acknowledged byte is ever thrown away.
- * Compiled by BCC with -I<ebpf dir> -DSNIPROXY_TCP_BYTES_ACKED_OFF=<offset of tcp_sock.bytes_acked in
- * the running kernel's BTF> (BCC compiles against headers that need not match the running kernel). */
+ * Every skb is cut to the bytes not delivered before (trim_overlap): the kernel can hand the verdict
+ * a retransmitted skb that repeats bytes already delivered.
+ * Compiled by BCC with -I<ebpf dir> and -D offsets from the running kernel's BTF (BCC compiles
+ * against headers that need not match the running kernel): SNIPROXY_TCP_BYTES_ACKED_OFF,
+ * SNIPROXY_TCP_COPIED_SEQ_OFF (struct tcp_sock), SNIPROXY_SKB_SK_OFF and SNIPROXY_SKB_CB_OFF
+ * (struct sk_buff; TCP_SKB_CB's first field is the skb's sequence number). */
 #include <uapi/linux/bpf.h>
 #include "sniproxy.h"
 
@@ -93,6 +97,47 @@ static __always_inline int announce(u32 worker, struct splice_event *ev)
 	return -1;
 }
 
+/* A partial retransmit (seq < rcv_nxt < end_seq) is queued whole, and tcp_read_skb, which feeds the
+ * verdict, hands over whole skbs without the offset tcp_recvmsg skips: the repeated head would be
+ * delivered twice (seen: 95,232 extra bytes at a client, after retransmits on loopback). Cut the head
+ * to the socket's next undelivered byte: next_seq, a cursor the verdict keeps, started from
+ * copied_seq (where userspace stopped reading) at the first skb. Returns the bytes cut, or < 0 when
+ * the skb could not be cut (then the pair must be reset: delivering it would corrupt the stream).
+ * The ctx pointer is the kernel's sk_buff: read with bpf_probe_read_kernel at BTF offsets. */
+static __always_inline int trim_overlap(struct __sk_buff *skb, struct splice_slot *slot, u32 len)
+{
+	u32 seq = 0, expected = 0, over;
+	void *own = 0;
+
+	read_kernel(&seq, sizeof(seq), (char *)skb + SNIPROXY_SKB_CB_OFF);
+	if (slot->seq_known) {
+		expected = slot->next_seq;
+	} else {
+		read_kernel(&own, sizeof(own), (char *)skb + SNIPROXY_SKB_SK_OFF);
+		if (!own)
+			return -1;
+		read_kernel(&expected, sizeof(expected), (char *)own + SNIPROXY_TCP_COPIED_SEQ_OFF);
+		slot->seq_known = 1;
+	}
+	over = expected - seq;
+	if ((s32)over <= 0) {
+		slot->next_seq = seq + len;
+		return 0;
+	}
+	if (over >= len)
+		return -1; /* all of it delivered before: TCP never queues such an skb */
+	slot->next_seq = seq + len;
+	for (int i = 0; i < SNIPROXY_TRIM_ROUNDS && over > 0; i++) {
+		u32 step = over > SNIPROXY_TRIM_STEP ? SNIPROXY_TRIM_STEP : over;
+		if (bpf_skb_adjust_room(skb, -(s32)step, 0, 0))
+			return -1;
+		over -= step;
+	}
+	if (over)
+		return -1;
+	return expected - seq;
+}
+
 int splice_verdict(struct __sk_buff *skb)
 {
 	struct traffic_stats *ts = traffic();
@@ -100,6 +145,7 @@ int splice_verdict(struct __sk_buff *skb)
 	u64 cookie, peer_key, passed, acked = 0, now, limit;
 	u32 *index;
 	u32 reason = 0;
+	int trimmed;
 	struct splice_slot *slot;
 	struct bpf_sock *peer_sk;
 	struct tcp_sock *tp;
@@ -127,10 +173,28 @@ int splice_verdict(struct __sk_buff *skb)
 		ADD(ts->unknown_pkts, 1);
 		return SK_PASS;
 	}
+	passed = slot->pass_bytes;
+	trimmed = slot->broken ? -1 : trim_overlap(skb, slot, len);
+	if (trimmed < 0) {
+		/* Left to userspace, which resets the pair instead of forwarding it; woken once. */
+		if (!slot->broken) {
+			ADD(ts->trim_fail, 1);
+			reason = SPLICE_HOLD_BROKEN;
+		}
+		slot->broken = 1;
+		len = skb->len;
+		ADD(slot->rx_bytes, len);
+		goto pass;
+	}
+	if (trimmed > 0) {
+		len = skb->len;
+		ADD(ts->trim_pkts, 1);
+		ADD(ts->trim_bytes, trimmed);
+		ADD(slot->trim_bytes, trimmed);
+	}
 	ADD(slot->rx_bytes, len);
 	now = bpf_ktime_get_ns();
 	slot->last_ns = now;
-	passed = slot->pass_bytes;
 	if (passed != slot->release_at)
 		goto pass; /* userspace still forwards earlier bytes: stay behind them */
 	peer_key = slot->peer;
@@ -173,7 +237,7 @@ pass:
 	ADD(ts->pass_bytes, len);
 	ADD(ts->pass_pkts, 1);
 	/* First byte of a hold the proxy did not ask for: wake it up to forward what stays here. */
-	if (reason && passed == slot->release_at) {
+	if (reason && (passed == slot->release_at || reason == SPLICE_HOLD_BROKEN)) {
 		ev.cookie = cookie;
 		ev.pass_bytes = passed;
 		ev.reason = reason;

@@ -336,9 +336,10 @@ class _ScrapeCollector:
         data = CounterMetricFamily(
             "sniproxy_kernel_bytes", "Bytes seen by the splice verdict (traffic_stats): redirected to "
             "the peer by the kernel, passed to the proxy to forward, held back while the peer's queue "
-            "was full.", labels=["action"])
+            "was full; trimmed: repeated bytes of partial retransmits cut off (never delivered).",
+            labels=["action"])
         for action, field in (("redirected", "redir_bytes"), ("passed", "pass_bytes"),
-                              ("held", "held_bytes")):
+                              ("held", "held_bytes"), ("trimmed", "trim_bytes")):
             data.add_metric([action], t[field])
         yield data
         packets = CounterMetricFamily(
@@ -347,7 +348,8 @@ class _ScrapeCollector:
         for action, field in (("redirected", "redir_pkts"), ("passed", "pass_pkts"),
                               ("held", "held_pkts"), ("redirect_failed", "redir_fail"),
                               ("no_peer", "no_peer_pkts"), ("fin", "fin_pkts"),
-                              ("unknown", "unknown_pkts")):
+                              ("unknown", "unknown_pkts"), ("trimmed", "trim_pkts"),
+                              ("trim_failed", "trim_fail")):
             packets.add_metric([action], t[field])
         yield packets
         events = CounterMetricFamily(

@@ -286,6 +286,8 @@ def render(report: dict[str, Any]) -> list[str]:
         f"left to the proxy {t['pass_bytes']} (held back {t['held_bytes']})",
         f"packets         redirected {t['redir_pkts']}, passed {t['pass_pkts']}, redirect failures "
         f"{t['redir_fail']}, no peer {t['no_peer_pkts']}, fin {t['fin_pkts']}",
+        f"retransmits     {t['trim_pkts']} skb(s) repeating delivered bytes, {t['trim_bytes']} byte(s) "
+        f"cut, {t['trim_fail']} uncuttable (connection reset)",
         f"open            {report['connections_total']} connection(s), {report['spliced_sockets']} "
         f"socket(s) in sock_map",
     ]

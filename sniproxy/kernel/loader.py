@@ -59,23 +59,15 @@ def btf_offsets(fields: dict[str, tuple[str, ...]]) -> dict[tuple[str, str], int
     return found
 
 
-def tcp_bytes_acked_offset() -> int:
-    """Byte offset of tcp_sock.bytes_acked in the running kernel, from its BTF (bpftool). BCC compiles
-    against Debian's headers, which need not match the running kernel's struct layout, so the verdict
-    reads the field at this offset rather than by name."""
-    try:
-        out = subprocess.run(["bpftool", "btf", "dump", "file", "/sys/kernel/btf/vmlinux", "format", "raw"],
-                             capture_output=True, text=True, check=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError) as e:
-        raise KernelError("reading the kernel's BTF with bpftool failed", str(e)) from e
-    in_struct = False
-    for line in out.splitlines():
-        if line.startswith("["):
-            in_struct = " STRUCT 'tcp_sock' " in line
-        elif in_struct and line.strip().startswith("'bytes_acked' "):
-            bits = int(line.split("bits_offset=")[1].split()[0])
-            return bits // 8
-    raise KernelError("the kernel's BTF has no tcp_sock.bytes_acked")
+def splice_cflags() -> list[str]:
+    """The -D offsets splice.c reads kernel structs at, from the running kernel's BTF. BCC compiles
+    against Debian's headers, which need not match the running kernel's struct layout, so the
+    verdict reads these fields at these offsets rather than by name."""
+    off = btf_offsets({"tcp_sock": ("bytes_acked", "copied_seq"), "sk_buff": ("sk", "cb")})
+    return [f"-DSNIPROXY_TCP_BYTES_ACKED_OFF={off[('tcp_sock', 'bytes_acked')]}",
+            f"-DSNIPROXY_TCP_COPIED_SEQ_OFF={off[('tcp_sock', 'copied_seq')]}",
+            f"-DSNIPROXY_SKB_SK_OFF={off[('sk_buff', 'sk')]}",
+            f"-DSNIPROXY_SKB_CB_OFF={off[('sk_buff', 'cb')]}"]
 
 
 @contextlib.contextmanager
@@ -197,11 +189,11 @@ class DataPlane:
         except ImportError as e:  # pragma: no cover - probe() reports this first
             raise KernelError("the bcc Python module is not importable", str(e)) from e
         ensure_bpffs(pin_dir)
-        acked_offset = tcp_bytes_acked_offset()
+        offsets = splice_cflags()
         with _captured_stderr() as messages:
             try:
                 bpf = BPF(src_file=str(Path(source).resolve()).encode(),
-                          cflags=[f"-I{EBPF_DIR}", f"-DSNIPROXY_TCP_BYTES_ACKED_OFF={acked_offset}"])
+                          cflags=[f"-I{EBPF_DIR}", *offsets])
             except Exception as e:  # BCC raises a bare Exception
                 compile_error: Exception | None = e
             else:

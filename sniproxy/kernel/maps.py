@@ -26,6 +26,7 @@ SNIPROXY_HOLD_ALL = 0xFFFF_FFFF_FFFF_FFFF
 HOLD_NO_PEER = 1
 HOLD_QUEUE = 2
 HOLD_REDIRECT_FAIL = 3
+HOLD_BROKEN = 4
 
 BPF_ANY = 0
 BPF_NOEXIST = 1
@@ -46,6 +47,9 @@ class TrafficStats(ct.Structure):
         ("unknown_pkts", ct.c_uint64),
         ("events", ct.c_uint64),
         ("events_lost", ct.c_uint64),
+        ("trim_pkts", ct.c_uint64),
+        ("trim_bytes", ct.c_uint64),
+        ("trim_fail", ct.c_uint64),
     ]
 
     def as_dict(self) -> dict[str, int]:
@@ -69,6 +73,10 @@ class SpliceSlot(ct.Structure):
         ("drain_ns", ct.c_uint64),
         ("drain_acked", ct.c_uint64),
         ("drain_room", ct.c_uint64),
+        ("next_seq", ct.c_uint32),
+        ("seq_known", ct.c_uint32),
+        ("trim_bytes", ct.c_uint64),
+        ("broken", ct.c_uint64),
     ]
 
     def as_dict(self) -> dict[str, int]:

@@ -14,6 +14,9 @@ class Outcome(str, enum.Enum):
     BACKEND_RESET = "backend_reset"
     IDLE_TIMEOUT = "idle_timeout"
     SHUTDOWN = "shutdown"  # cut by the server's drain deadline
+    # Reset by the proxy: the kernel handed the splice verdict an skb repeating bytes already delivered
+    # and it could not be cut (see ebpf/splice.c, trim_overlap); forwarding it would corrupt the stream.
+    SPLICE_ERROR = "splice_error"
 
 
 @dataclasses.dataclass

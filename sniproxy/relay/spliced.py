@@ -68,6 +68,11 @@ class _Reset(Exception):
         self.side = side
 
 
+class _Broken(Exception):
+    """The verdict marked src's slot broken (splice_slot.broken): what it left to us repeats bytes
+    already delivered. Nothing more may be forwarded; the pair is reset."""
+
+
 class Watcher:
     """One epoll for the hang-ups (RDHUP/HUP/ERR, never IN) of every spliced socket of one event loop,
     plus the ring buffer on which the verdict announces holds. Lives while it has sockets to watch."""
@@ -181,6 +186,8 @@ class _Direction:
                 if not self.hung_up:
                     await self.wake.wait()
                 self.wake.clear()
+                if self.slot.broken:
+                    raise _Broken()
                 await self._wait_drained()
                 await self._catch_up()
             await self._wait_drained()
@@ -188,6 +195,9 @@ class _Direction:
                 self.dst.shutdown(socket.SHUT_WR)
         except _Reset as e:
             self.pair.reset_by(e.side)
+            return
+        except _Broken:
+            self.pair.fail(Outcome.SPLICE_ERROR)
             return
         self.finished = True
         self.pair.direction_finished()
@@ -239,6 +249,8 @@ class _Direction:
                 return
             else:
                 n = len(data)
+                if slot.broken:  # set before the verdict passed the skb: checked after reading it
+                    raise _Broken()
                 try:
                     await loop.sock_sendall(self.dst, data)
                 except OSError as e:
@@ -371,6 +383,11 @@ class SplicedConnection:
     def reset_by(self, side: str) -> None:
         if self.outcome is None:
             self.outcome = Outcome.CLIENT_RESET if side == "client" else Outcome.BACKEND_RESET
+        self.abort()
+
+    def fail(self, outcome: Outcome) -> None:
+        if self.outcome is None:
+            self.outcome = outcome
         self.abort()
 
     def abort(self) -> None:
