@@ -181,9 +181,10 @@ class DataPlane:
 
     @classmethod
     def load(cls, pin_dir: str = DEFAULT_PIN_DIR, *, queue_limit: int | None = None,
-             source: Path = SPLICE_SRC) -> DataPlane:
+             source: Path = SPLICE_SRC, defines: tuple[str, ...] = ()) -> DataPlane:
         """Compile splice.c, attach its verdict to sock_map, pin the maps under pin_dir (replacing
-        stale pins of an earlier run). Raises KernelError with the compiler's/kernel's message."""
+        stale pins of an earlier run). Raises KernelError with the compiler's/kernel's message.
+        defines: extra -D flags, only for tests that need a fault no real traffic can produce."""
         try:
             from bcc import BPF, BPFAttachType
         except ImportError as e:  # pragma: no cover - probe() reports this first
@@ -193,7 +194,7 @@ class DataPlane:
         with _captured_stderr() as messages:
             try:
                 bpf = BPF(src_file=str(Path(source).resolve()).encode(),
-                          cflags=[f"-I{EBPF_DIR}", *offsets])
+                          cflags=[f"-I{EBPF_DIR}", *offsets, *(f"-D{d}" for d in defines)])
             except Exception as e:  # BCC raises a bare Exception
                 compile_error: Exception | None = e
             else:

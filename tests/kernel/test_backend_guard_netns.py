@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.kernel.test_xdp_netns import netns, sh
+from tests.support.netns import netns, sh
 from tests.support.backends import real_client_hello
 from tests.support.configs import common, listener, table
 from tests.support.dnsserver import DnsServer

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes as ct
 import dataclasses
 import errno
 import json
@@ -38,43 +37,13 @@ from sniproxy.kernel.probe import probe
 from sniproxy.kernel.xdp import PinnedAllowList, XdpAllowList, parse_network
 from tests.support.backends import TlsBackend, client_context, server_context
 from tests.support.configs import common, listener, table, toml_str
+from tests.support.netns import netns, sh
 from tests.support.proxyproc import REPO, ProxyProcess
 
 PROXY_PORT = 8443
 OTHER_PORT = 9000
 BACKEND_PORT = 9443
 SNI = "app.xdp.test"
-CLONE_NEWNET = 0x40000000
-
-# --------------------------------------------------------------------------------------------------
-# Namespaces
-
-
-def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(argv, capture_output=True, text=True)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(argv)} failed ({result.returncode}): {result.stderr.strip()}")
-    return result
-
-
-@contextlib.contextmanager
-def netns(name: str) -> Iterator[None]:
-    """Run the calling thread in network namespace `name` for the block. A socket keeps the namespace
-    it was created in, so sockets made here talk from inside it after the block ends."""
-    libc = ct.CDLL(None, use_errno=True)
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{name}", os.O_RDONLY)
-    try:
-        if libc.setns(target, CLONE_NEWNET) != 0:
-            raise OSError(ct.get_errno(), f"setns into {name}")
-        try:
-            yield
-        finally:
-            if libc.setns(own, CLONE_NEWNET) != 0:  # pragma: no cover - would poison the test process
-                os.abort()
-    finally:
-        os.close(own)
-        os.close(target)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,51 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes as ct
 import os
 import random
 import shutil
 import signal
 import socket
-import subprocess
 import threading
 from pathlib import Path
-from typing import Iterator
 
 from tests.support import configs
 from tests.support.backends import DataBackend, pattern_chunks, real_client_hello
 from tests.support.dnsserver import DnsServer
+from tests.support.netns import netns, sh
 from tests.support.prometheus import PrometheusServer
 from tests.support.proxyproc import ProxyProcess
 
 SNI = "data.test"
 BACKEND_NAME = "data.backend.test"
-CLONE_NEWNET = 0x40000000
-
-
-def _sh(*argv: str, check: bool = True) -> None:
-    result = subprocess.run(argv, capture_output=True, text=True)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(argv)} failed ({result.returncode}): {result.stderr.strip()}")
-
-
-@contextlib.contextmanager
-def netns(name: str) -> Iterator[None]:
-    """The calling thread in network namespace `name` for the block; sockets made here stay in it."""
-    libc = ct.CDLL(None, use_errno=True)
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{name}", os.O_RDONLY)
-    try:
-        if libc.setns(target, CLONE_NEWNET) != 0:
-            raise OSError(ct.get_errno(), f"setns into {name}")
-        try:
-            yield
-        finally:
-            if libc.setns(own, CLONE_NEWNET) != 0:  # would poison the process: stop here
-                os.abort()
-    finally:
-        os.close(own)
-        os.close(target)
 
 
 def _free_port() -> int:
@@ -94,14 +66,14 @@ class MetricsRig:
     # -- setting up ---------------------------------------------------------------------------------
 
     def _start(self) -> None:
-        _sh("ip", "netns", "add", self.ns)
-        _sh("ip", "-n", self.ns, "link", "set", "lo", "up")
-        _sh("ip", "link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if, "netns", self.ns)
-        _sh("ip", "addr", "add", f"{self.proxy_ip}/24", "dev", self.host_if)
-        _sh("ip", "link", "set", self.host_if, "up")
+        sh("ip", "netns", "add", self.ns)
+        sh("ip", "-n", self.ns, "link", "set", "lo", "up")
+        sh("ip", "link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if, "netns", self.ns)
+        sh("ip", "addr", "add", f"{self.proxy_ip}/24", "dev", self.host_if)
+        sh("ip", "link", "set", self.host_if, "up")
         for ip in (self.client_ip, self.denied_ip):
-            _sh("ip", "-n", self.ns, "addr", "add", f"{ip}/24", "dev", self.ns_if)
-        _sh("ip", "-n", self.ns, "link", "set", self.ns_if, "up")
+            sh("ip", "-n", self.ns, "addr", "add", f"{ip}/24", "dev", self.ns_if)
+        sh("ip", "-n", self.ns, "link", "set", self.ns_if, "up")
         self._loop_thread.start()
         self._backend = asyncio.run_coroutine_threadsafe(DataBackend().start(), self._loop).result(10)
         self.dns = DnsServer()
@@ -222,7 +194,7 @@ class MetricsRig:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._loop_thread.join(10)
         self._loop.close()
-        _sh("ip", "link", "del", self.host_if, check=False)
-        _sh("ip", "netns", "del", self.ns, check=False)
+        sh("ip", "link", "del", self.host_if, check=False)
+        sh("ip", "netns", "del", self.ns, check=False)
         shutil.rmtree(self.pin_dir, ignore_errors=True)
         assert not os.path.exists(self.pin_dir), f"{self.pin_dir} left behind"
