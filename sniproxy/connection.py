@@ -37,7 +37,7 @@ _UNIX_COPY = Relay()
 # The access event's level by outcome (it becomes the journal priority, docs/operations.md): error when
 # the proxy could not serve a client it should have (what `journalctl -p err` must show), warning when
 # a policy turned it away or the backend cut it; the rest (normal ends, client-side faults) info.
-_ERROR_OUTCOMES = frozenset({"connect_failed", "resolve_failed", "internal_error"})
+_ERROR_OUTCOMES = frozenset({"connect_failed", "resolve_failed", "internal_error", "splice_error"})
 _WARNING_OUTCOMES = frozenset({"backend_refused", "backend_self", "backend_reset", "over_limit", "over_limit_per_ip",
                                "proxy_protocol_untrusted"})
 
