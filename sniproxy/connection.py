@@ -1,6 +1,8 @@
-# One client connection's life: read the ClientHello under a deadline, route, resolve, connect, relay.
-# Invariant: handle() always closes both sockets and emits exactly one access-log event, whatever
-# happens (bad input, dead backend, cancellation at shutdown); `state` says where it ended.
+# One client connection's life: read the ClientHello under a deadline, route, resolve, connect, relay,
+# as a state machine driven by callbacks (tasks only for the slow paths: a DNS query, an HTTP error's
+# linger, the kernel hand-off). Invariant: once start() is called, both sockets are closed and exactly
+# one access-log event is emitted, then on_done, whatever happens (bad input, dead backend, a bug,
+# cancel() at shutdown); `state` says where it ended.
 from __future__ import annotations
 
 import asyncio
@@ -8,6 +10,7 @@ import enum
 import ipaddress
 import errno
 import os
+import select
 import socket
 import time
 from collections.abc import Callable
@@ -19,7 +22,8 @@ import structlog
 from sniproxy import http_head, metrics, proxy_protocol, tls
 from sniproxy.balancer import Balancer
 from sniproxy.config import BackendAddress, LimitsConfig, UnixAddress
-from sniproxy.relay import Outcome, Relay, RelayResult
+from sniproxy.relay import Outcome, Relay, RelayResult, Running
+from sniproxy.relay.copy import Poller
 from sniproxy.resolver import ResolveError, Resolver
 from sniproxy.routing import Route, RouteTable
 
@@ -46,6 +50,7 @@ def access_level(outcome: str) -> str:
     return "error" if outcome in _ERROR_OUTCOMES else "warning" if outcome in _WARNING_OUTCOMES else "info"
 
 _RECV_SIZE = 65536
+_IN, _OUT = select.EPOLLIN, select.EPOLLOUT
 # After an HTTP error answer: how long and how much of the client's remaining request to read and drop.
 _LINGER_SECONDS = 2.0
 _LINGER_BYTES = 1 << 20
@@ -122,6 +127,11 @@ async def _ready(loop: asyncio.AbstractEventLoop, fd: int, writable: bool, deadl
 
 
 class Connection:
+    """One client connection, driven by callbacks: the loop's timers, the copy engine's epoll (one
+    registration per socket for its whole life), and the relay's end. A task is made only for a slow
+    path (a DNS query, an HTTP error's linger, a hand-off to the kernel). start() begins it; on_done
+    (the server's) is called exactly once, after the access-log event."""
+
     def __init__(
         self,
         client: socket.socket,
@@ -132,9 +142,11 @@ class Connection:
         relay: Relay,
         loop: asyncio.AbstractEventLoop | None = None,
         balancer: Balancer | None = None,
+        on_done: Callable[[Connection], None] | None = None,
     ) -> None:
         self.client = client
         self.client_address = client_address
+        self.peer_ip = client_address[0]  # as accepted (a PROXY header may change client_address)
         self.listener = listener
         self.policy = policy
         self.resolver = resolver
@@ -142,6 +154,7 @@ class Connection:
         self.balancer = balancer  # the choice among a route's backends (None: config order)
         # Passed in by the server: on Python 3.11 every get_running_loop() is a getpid() system call.
         self.loop = loop
+        self.on_done = on_done
         self.started = time.monotonic()
         # For the phase metrics, by State value: when it was last entered, and how long it was held
         # the last time it was left (a route with several backends may resolve and connect again).
@@ -163,9 +176,30 @@ class Connection:
         self.via: Any = None  # the load balancer's address, when a PROXY header named the client
         self.proxy_destination: Any = None
         self.buffered = bytearray()
-        # The short-circuit registration of the backend connection (relay.shortcut), if any.
-        self._ticket: Any = None
-        self._shortcut_refused: str | None = None  # why a local backend was not registered
+        self.finished = False
+        self._poller: Poller | None = None
+        self._timer: asyncio.TimerHandle | None = None  # the deadline of the phase waiting now
+        self._task: asyncio.Task[None] | None = None  # a slow path running now
+        self._running: Running | None = None  # the relay, once both sockets are handed to it
+        self._reader: Any = None  # tls.ClientHelloReader or http_head.RequestHeadReader
+        self._header_reader: proxy_protocol.ProxyHeaderReader | None = None
+        self._client_watched = False  # the client socket is registered in the poller
+        # Backends: the route's targets in the order to try, the failures so far, the addresses of
+        # the target being connected, and the socket whose connect is in flight.
+        self._targets: list[BackendAddress] = []
+        self._failures: list[_Rejected] = []
+        self._target_index = 0
+        self._addresses: list[Any] = []
+        self._address_index = 0
+        self._address_errors: list[str] = []
+        self._target_deadline = 0.0
+        self._connecting: socket.socket | None = None
+        self._first: bytes | None = None
+        self._deadline = 0.0  # of the hello (or request head), loop time
+        self._address_family = 0  # AF_UNIX for a unix-socket target, else 0 (by the address)
+        self._port = 0
+        self._unix_label: str | None = None  # a unix target's name in errors
+        self._unix = False  # relayed by the copy-only relay because the backend is a unix socket
 
     @property
     def state(self) -> State:
@@ -179,151 +213,247 @@ class Connection:
         self._state = state
         self.entered[state.value] = now
 
+    # -- driving ---------------------------------------------------------------------------------
+
     async def handle(self) -> None:
-        outcome = "error"
-        reason: str | None = None
-        result: RelayResult | None = None
-        backend: socket.socket | None = None
+        """The whole life as an awaitable (start() and wait for the end); cancelled, it cuts the
+        connection (outcome "shutdown") and returns once it is logged."""
+        if self.loop is None:
+            self.loop = asyncio.get_running_loop()
+        done = self.loop.create_future()
+        server_done = self.on_done
+
+        def ended(conn: Connection) -> None:
+            if server_done is not None:
+                server_done(conn)
+            if not done.done():
+                done.set_result(None)
+
+        self.on_done = ended
+        self.start()
+        try:
+            await asyncio.shield(done)
+        except asyncio.CancelledError:
+            self.cancel()
+            await asyncio.wait([done])
+            raise
+
+    def start(self) -> None:
         if self.loop is None:
             self.loop = asyncio.get_running_loop()
         metrics.connection_opened(self.listener)
+        self._step(self._begin)
+
+    def cancel(self) -> None:
+        """The server's drain deadline: cut now. The end (outcome "shutdown") is reported at once,
+        or, while a task or the kernel phase runs, as soon as it has unwound."""
+        if self.finished:
+            return
+        if self._running is not None:
+            self._running.cancel()
+        elif self._task is not None and not self._task.done():
+            self._task.cancel()
+        else:
+            self._end(Outcome.SHUTDOWN.value, None)
+
+    def _step(self, fn: Callable[..., None], *args: Any) -> None:
+        """Every callback enters here: a rejection ends the connection with its outcome; anything
+        else is a bug, logged loudly, and the server keeps running."""
+        if self.finished:
+            return
         try:
-            if self.policy.protocol == "http":
-                self.head = await self._read_head()
-                self.state = State.ROUTING
-                self.route, self.route_skipped = self.policy.table.lookup(self.head.host)
-                if self.route is None:
-                    await self._refuse_http_request()
-            else:
-                self.hello = await self._read_hello()
-                self.state = State.ROUTING
-                self.route, self.route_skipped = self.policy.table.lookup(self.hello.sni, self.hello.alpn)
-                if self.route is None:
-                    await self._send_alert(tls.AlertDescription.UNRECOGNIZED_NAME)
-                    raise _Rejected("no_route", f"no route for sni {self.hello.sni!r}"
-                                    + "".join(f"; {why}" for why in self.route_skipped))
-            backend = await self._open_backend()
-            self.state = State.RELAYING
-            first = bytes(self.buffered)
-            if self.route.proxy_protocol:
-                header = self._proxy_header(self.route.proxy_protocol)
-                self.added_up = len(header)
-                first = header + first
-            # The relay owns both sockets from here on and closes them.
-            client, self.client, relay_backend, backend = self.client, None, backend, None
-            idle = self.policy.limits.idle_timeout
-            if relay_backend.family == socket.AF_UNIX and self.relay.mode != _UNIX_COPY.mode:
-                result = await _UNIX_COPY.relay(client, relay_backend, first, idle)
-                result.fallback_reason = UNIX_COPY_REASON
-            else:
-                ticket, self._ticket = self._ticket, None
-                result = await self.relay.relay(client, relay_backend, first, idle, ticket=ticket)
-            outcome = result.outcome.value
+            fn(*args)
         except _Rejected as exc:
-            outcome, reason = exc.outcome, exc.reason
-        except asyncio.CancelledError:
-            outcome = Outcome.SHUTDOWN.value
-            raise
-        except Exception as exc:  # a bug, not bad input: log it loudly but keep the server running
-            outcome, reason = "internal_error", repr(exc)
+            self._end(exc.outcome, exc.reason)
+        except Exception as exc:
             access_log.exception("connection_error", client=peer_text(self.client_address))
+            self._end("internal_error", repr(exc))
+
+    def _spawn(self, coro: Any) -> None:
+        """A slow path as a task of this connection; its end (or cancellation) ends the connection
+        unless it went on to the next phase."""
+        assert self.loop is not None
+        self._task = self.loop.create_task(self._slow(coro))
+
+    async def _slow(self, coro: Any) -> None:
+        try:
+            await coro
+        except _Rejected as exc:
+            self._end(exc.outcome, exc.reason)
+        except asyncio.CancelledError:
+            self._end(Outcome.SHUTDOWN.value, None)
+        except Exception as exc:
+            access_log.exception("connection_error", client=peer_text(self.client_address))
+            self._end("internal_error", repr(exc))
         finally:
-            for sock in (self.client, backend):
-                if sock is not None:
-                    sock.close()
-            if self._ticket is not None:  # registered, never relayed: release it
-                self.relay.shortcut.finish(self._ticket)  # type: ignore[union-attr]
-                self._ticket = None
-            if self._balanced is not None and self.balancer is not None:
-                self.balancer.released(self._balanced)
-            self._log(outcome, reason, result)
-            self.state = State.CLOSED
-            metrics.connection_closed(self, outcome, result, self.entered["closed"])
+            if self._task is asyncio.current_task():
+                self._task = None
 
-    async def _read_hello(self) -> tls.ClientHello:
-        self.state = State.READING_HELLO
-        loop = self.loop
-        assert loop is not None and self.client is not None
-        client = self.client
-        reader = tls.ClientHelloReader(max_size=self.policy.limits.max_client_hello_size)
-        header_reader = self._proxy_header_reader()
-        deadline = loop.time() + self.policy.limits.client_hello_timeout
-        try:
-            while True:
-                # Read first, wait only if nothing is there: the hello has usually arrived by the
-                # time the connection is accepted, and then no readiness watch is set up at all.
-                try:
-                    data = client.recv(_RECV_SIZE)
-                except (BlockingIOError, InterruptedError):
-                    await _ready(loop, client.fileno(), False, deadline)
-                    continue
-                if not data:
-                    raise _Rejected("client_closed", "client closed before a complete ClientHello")
-                if header_reader is not None:
-                    data = self._feed_proxy_header(header_reader, data)
-                    if data is None:
-                        continue
-                    header_reader = None
-                self.buffered += data
-                # Everything read is forwarded verbatim later, including bytes past the hello:
-                # reading only part of an skb would let a splice re-send it from its start.
-                result = reader.feed(data)
-                if isinstance(result, tls.ClientHello):
-                    return result
-        except TimeoutError:
-            raise _Rejected("hello_timeout", "no complete ClientHello before the deadline") from None
-        except tls.ClientHelloError as exc:
-            if exc.alert is not None:  # None for non-TLS peers, which would not understand an alert
-                await self._send_alert(exc.alert)
-            raise _Rejected("bad_client_hello", str(exc)) from None
-        except ConnectionError as exc:
-            raise _Rejected("client_reset", f"client reset before a complete ClientHello: {exc}") from None
+    def _watch(self, sock: socket.socket, mask: int, handler: Callable[[int, int], None]) -> None:
+        if self._poller is None:
+            assert self.loop is not None
+            self._poller = Poller.of(self.loop)
+        self._poller.set(sock.fileno(), mask, handler)
 
-    async def _read_head(self) -> http_head.RequestHead:
-        """_read_hello's twin for plain HTTP: every byte read is kept for the backend, and bad input
-        is answered in HTTP (400, or 408 at the deadline) instead of a silent close."""
-        self.state = State.READING_HEAD
-        loop = self.loop
-        assert loop is not None and self.client is not None
-        client = self.client
+    def _close(self, sock: socket.socket) -> None:
+        if self._poller is not None:
+            self._poller.drop(sock.fileno())
+        sock.close()
+
+    def _set_timer(self, deadline: float, fn: Callable[[], None]) -> None:
+        assert self.loop is not None
+        self._timer = self.loop.call_at(deadline, self._step, fn)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _end(self, outcome: str, reason: str | None, result: RelayResult | None = None) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self._cancel_timer()
+        task = self._task
+        if task is not None and task is not asyncio.current_task() and not task.done():
+            task.cancel()
+        for sock in (self.client, self._connecting):
+            if sock is not None:
+                self._close(sock)
+        self.client = self._connecting = None
+        if self._balanced is not None and self.balancer is not None:
+            self.balancer.released(self._balanced)
+        self._log(outcome, reason, result)
+        self.state = State.CLOSED
+        metrics.connection_closed(self, outcome, result, self.entered["closed"])
+        if self.on_done is not None:
+            self.on_done(self)
+
+    # -- the hello (or the HTTP request head) ----------------------------------------------------
+
+    def _begin(self) -> None:
         limits = self.policy.limits
-        reader = http_head.RequestHeadReader(max_size=limits.max_http_head_size)
-        header_reader = self._proxy_header_reader()
-        deadline = loop.time() + limits.http_head_timeout
-        try:
-            while True:
-                try:
-                    data = client.recv(_RECV_SIZE)
-                except (BlockingIOError, InterruptedError):
-                    await _ready(loop, client.fileno(), False, deadline)
-                    continue
-                if not data:
-                    raise _Rejected("client_closed", "client closed before a complete request head")
-                if header_reader is not None:
-                    data = self._feed_proxy_header(header_reader, data)
-                    if data is None:
-                        continue
-                    header_reader = None
-                self.buffered += data
-                result = reader.feed(data)
-                if isinstance(result, http_head.RequestHead):
-                    return result
-        except TimeoutError:
-            await self._send_http_error(408, "no complete request head before the deadline")
-            raise _Rejected("head_timeout", "no complete request head before the deadline") from None
-        except http_head.RequestHeadError as exc:
-            await self._send_http_error(exc.status, f"bad request: {exc}")
-            raise _Rejected("bad_request", str(exc)) from None
-        except ConnectionError as exc:
-            raise _Rejected("client_reset", f"client reset before a complete request head: {exc}") from None
+        if self.policy.protocol == "http":
+            self.state = State.READING_HEAD
+            self._reader = http_head.RequestHeadReader(max_size=limits.max_http_head_size)
+        else:
+            self.state = State.READING_HELLO
+            self._reader = tls.ClientHelloReader(max_size=limits.max_client_hello_size)
+        self._header_reader = self._proxy_header_reader()
+        # The deadline counts from now; its timer is set only if the first read finds nothing.
+        assert self.loop is not None
+        self._deadline = self.loop.time() + (limits.http_head_timeout if self.policy.protocol == "http"
+                                             else limits.client_hello_timeout)
+        self._read_client()
 
-    async def _refuse_http_request(self) -> None:
+    def _on_client_event(self, fd: int, events: int) -> None:
+        self._step(self._read_client)
+
+    def _read_client(self) -> None:
+        client = self.client
+        assert client is not None
+        while True:
+            # Read first, wait only if nothing is there: the hello has usually arrived by the time
+            # the connection is accepted, and then it is never registered for readiness here.
+            try:
+                data = client.recv(_RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                if not self._client_watched:
+                    self._client_watched = True
+                    self._watch(client, _IN, self._on_client_event)
+                    self._set_timer(self._deadline, self._hello_timeout)
+                return
+            except ConnectionError as exc:
+                what = "request head" if self.policy.protocol == "http" else "ClientHello"
+                raise _Rejected("client_reset", f"client reset before a complete {what}: {exc}") from None
+            if not data:
+                what = "request head" if self.policy.protocol == "http" else "ClientHello"
+                raise _Rejected("client_closed", f"client closed before a complete {what}")
+            if self._header_reader is not None:
+                data = self._feed_proxy_header(self._header_reader, data)
+                if data is None:
+                    continue
+                self._header_reader = None
+            # Everything read is forwarded verbatim later, including bytes past the hello: reading
+            # only part of an skb would let a splice re-send it from its start.
+            self.buffered += data
+            if self.policy.protocol == "http":
+                try:
+                    head = self._reader.feed(data)
+                except http_head.RequestHeadError as exc:
+                    self._http_error(exc.status, f"bad request: {exc}", "bad_request", str(exc))
+                    return
+                if isinstance(head, http_head.RequestHead):
+                    self._hello_done()
+                    self.head = head
+                    self.state = State.ROUTING
+                    self.route, self.route_skipped = self.policy.table.lookup(head.host)
+                    if self.route is None:
+                        self._refuse_http_request()
+                        return
+                    self._open_backend()
+                    return
+            else:
+                try:
+                    hello = self._reader.feed(data)
+                except tls.ClientHelloError as exc:
+                    if exc.alert is not None:  # None for non-TLS peers, which would not understand it
+                        self._send_alert(exc.alert)
+                    raise _Rejected("bad_client_hello", str(exc)) from None
+                if isinstance(hello, tls.ClientHello):
+                    self._hello_done()
+                    self.hello = hello
+                    self.state = State.ROUTING
+                    self.route, self.route_skipped = self.policy.table.lookup(hello.sni, hello.alpn)
+                    if self.route is None:
+                        self._send_alert(tls.AlertDescription.UNRECOGNIZED_NAME)
+                        raise _Rejected("no_route", f"no route for sni {hello.sni!r}"
+                                        + "".join(f"; {why}" for why in self.route_skipped))
+                    self._open_backend()
+                    return
+
+    def _hello_done(self) -> None:
+        self._cancel_timer()
+        if self._client_watched:
+            # Unwatched, still registered: the relay watches it again with one epoll_ctl.
+            assert self.client is not None
+            self._watch(self.client, 0, self._on_quiet_event)
+        self._reader = None
+
+    def _on_quiet_event(self, fd: int, events: int) -> None:
+        # A socket registered with no interest reports only ERR/HUP, and level-triggered: stop
+        # watching it, or the loop would spin; the relay's first read or write meets the error.
+        if self._poller is not None:
+            self._poller.forget(fd)
+
+    def _hello_timeout(self) -> None:
+        self._timer = None
+        if self.policy.protocol == "http":
+            self._http_error(408, "no complete request head before the deadline", "head_timeout",
+                             "no complete request head before the deadline")
+            return
+        raise _Rejected("hello_timeout", "no complete ClientHello before the deadline")
+
+    def _http_error(self, status: int, message: str, outcome: str, reason: str) -> None:
+        """Answer in HTTP and linger (a task: the slow path), then end with `outcome`."""
+        self._cancel_timer()
+        if self._client_watched and self._poller is not None and self.client is not None:
+            self._poller.forget(self.client.fileno())  # the linger waits with the loop's own reader
+            self._client_watched = False
+        self._spawn(self._answer_then_reject(status, message, outcome, reason))
+
+    async def _answer_then_reject(self, status: int, message: str, outcome: str, reason: str) -> None:
+        await self._send_http_error(status, message)
+        raise _Rejected(outcome, reason)
+
+    def _refuse_http_request(self) -> None:
         assert self.head is not None
         if self.head.host is None:
-            await self._send_http_error(400, "bad request: no Host name to route on")
-            raise _Rejected("no_host", "request names no host, and the table has no fallback")
-        await self._send_http_error(503, f"no route for host {self.head.host}")
-        raise _Rejected("no_route", f"no route for host {self.head.host!r}")
+            self._http_error(400, "bad request: no Host name to route on", "no_host",
+                             "request names no host, and the table has no fallback")
+            return
+        self._http_error(503, f"no route for host {self.head.host}", "no_route",
+                         f"no route for host {self.head.host!r}")
 
     async def _send_http_error(self, status: int, message: str) -> None:
         """Answer, then close gracefully: stop sending, and read (and drop) what the client still
@@ -389,50 +519,80 @@ class Connection:
             destination = (local[0], local[1])
         return proxy_protocol.encode(version, source, destination)
 
-    async def _open_backend(self) -> socket.socket:
-        """A connected socket to one of the route's backends. Several: in the balancer's order, each
-        within its share of one connect_timeout; a failed one is held down (skipped by the next
-        connections) and the next is tried, so the client sees an error only when all fail."""
-        route = self.route
-        assert route is not None and self.loop is not None
-        targets: list[BackendAddress] = list(route.backends)
-        balancer = self.balancer if len(targets) > 1 else None
-        if balancer is not None:
-            targets = balancer.order(targets, time.monotonic())
-        failures: list[_Rejected] = []
-        for index, target in enumerate(targets):
-            try:
-                sock = await self._open_target(target, len(targets) - index)
-            except _Rejected as exc:
-                failures.append(exc)
-                if balancer is not None and balancer.failed(target, time.monotonic(), exc.reason):
-                    log.warning("backend_down", backend=str(target), reason=exc.reason,
-                                hold_down=balancer.hold_down)
-                continue
-            if balancer is not None:
-                if balancer.connected(target):
-                    log.info("backend_up", backend=str(target), by="connection")
-                self._balanced = target
-            self._tried = [f.reason for f in failures]
-            return sock
-        if len(failures) == 1:
-            raise failures[0]
-        raise _Rejected("connect_failed", "; ".join(f.reason for f in failures))
+    # -- the backend: resolve, connect -----------------------------------------------------------
 
-    async def _open_target(self, target: BackendAddress, left: int) -> socket.socket:
-        """Connect to one backend using 1/left of the connect_timeout remaining (the rest is for the
-        backends after it). The timeout starts with the first connect, after the first resolve."""
-        assert self.route is not None and self.loop is not None
+    def _open_backend(self) -> None:
+        """Connect to one of the route's backends. Several: in the balancer's order, each within its
+        share of one connect_timeout; a failed one is held down (skipped by the next connections) and
+        the next is tried, so the client sees an error only when all fail."""
+        route = self.route
+        assert route is not None
+        targets: list[BackendAddress] = list(route.backends)
+        if len(targets) > 1 and self.balancer is not None:
+            targets = self.balancer.order(targets, time.monotonic())
+        self._targets = targets
+        self._try_target()
+
+    def _attempt(self, fn: Callable[..., None], *args: Any) -> None:
+        """One step of trying the current target: its failure moves on to the next target."""
+        try:
+            fn(*args)
+        except _Rejected as exc:
+            self._target_failed(exc)
+
+    def _target_failed(self, exc: _Rejected) -> None:
+        target = self._targets[self._target_index]
+        self._failures.append(exc)
+        balancer = self.balancer if len(self._targets) > 1 else None
+        if balancer is not None and balancer.failed(target, time.monotonic(), exc.reason):
+            log.warning("backend_down", backend=str(target), reason=exc.reason, hold_down=balancer.hold_down)
+        self._target_index += 1
+        self._try_target()
+
+    def _try_target(self) -> None:
+        """Start on the current target; raises the final rejection when none is left."""
+        if self._target_index >= len(self._targets):
+            failures = self._failures
+            if len(failures) == 1:
+                raise failures[0]
+            raise _Rejected("connect_failed", "; ".join(f.reason for f in failures))
+        self._attempt(self._start_target, self._targets[self._target_index])
+
+    def _start_target(self, target: BackendAddress) -> None:
+        """Resolve (from the cache at once; a query is the slow path, a task), then connect, using
+        1/left of the connect_timeout remaining (the rest is for the backends after it). The timeout
+        starts with the first connect, after the first resolve."""
         if isinstance(target, UnixAddress):
             self.state = State.CONNECTING
             self.backend_address, self.backend_host = str(target), None
-            return await self._connect_unix(target, self._share(left))
+            self._connect_start([target.path], socket.AF_UNIX, 0, str(target))
+            return
         self.state = State.RESOLVING
         self.backend_host = target.host
         try:
-            addresses = await self.resolver.resolve(target.host)
+            addresses = self.resolver.resolve_now(target.host)
         except ResolveError as exc:
             raise _Rejected("resolve_failed", str(exc)) from None
+        if addresses is None:
+            self._spawn(self._resolve_slowly(target))
+            return
+        self._resolved(target, addresses)
+
+    async def _resolve_slowly(self, target: Any) -> None:
+        try:
+            addresses = await self.resolver.resolve(target.host)
+        except ResolveError as exc:
+            self._attempt(self._raise, _Rejected("resolve_failed", str(exc)))
+            return
+        self._task = None  # the query is over: from here on, callbacks again
+        self._attempt(self._resolved, target, addresses)
+
+    @staticmethod
+    def _raise(exc: Exception) -> None:
+        raise exc
+
+    def _resolved(self, target: Any, addresses: list[str]) -> None:
+        assert self.route is not None
         allowed, refusals = [], []
         for address in addresses:
             refusal = self.policy.table.backend_refusal(self.route, address, self.policy.is_local)
@@ -446,7 +606,7 @@ class Connection:
             raise _Rejected(kind, f"{target.host}: " + "; ".join(r.reason for r in refusals)
                             + ": a dynamic route may not reach it (allow_private_backends)")
         self.state = State.CONNECTING
-        return await self._connect(allowed, target.port, self._share(left))
+        self._connect_start(allowed, 0, target.port, None)
 
     def _share(self, left: int) -> float:
         assert self.loop is not None
@@ -455,90 +615,146 @@ class Connection:
             self._connect_deadline = now + self.policy.limits.connect_timeout
         return now + max(0.0, self._connect_deadline - now) / left
 
-    async def _connect_unix(self, target: UnixAddress, deadline: float) -> socket.socket:
+    def _connect_start(self, addresses: list[Any], family: int, port: int, unix_label: str | None) -> None:
+        """Try each address in turn within this target's share of the connect_timeout; a dead address
+        gets its share of the time left, so one black hole cannot use up the whole budget."""
+        self._addresses = addresses
+        self._address_index = 0
+        self._address_errors = []
+        self._address_family = family  # AF_UNIX, or 0: by the address
+        self._port = port
+        self._unix_label = unix_label
+        self._target_deadline = self._share(len(self._targets) - self._target_index)
+        self._connect_next()
+
+    def _address_failed(self, why: str) -> None:
+        if self._unix_label is not None:
+            raise _Rejected("connect_failed", f"{self._unix_label}: {why}")
+        self._address_errors.append(f"{peer_text(self.backend_address)}: {why}")
+        self._connect_next()
+
+    def _connect_next(self) -> None:
         assert self.loop is not None
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        index = self._address_index
+        if index >= len(self._addresses):
+            raise _Rejected("connect_failed", "; ".join(self._address_errors))
+        self._address_index += 1
+        address = self._addresses[index]
+        if self._address_family == socket.AF_UNIX:
+            family, target = socket.AF_UNIX, address
+        else:
+            family = socket.AF_INET6 if ":" in address else socket.AF_INET
+            target = (address, self._port)
+            self.backend_address = target
+        now = self.loop.time()
+        share_ends = now + (self._target_deadline - now) / (len(self._addresses) - index)
+        # SOCK_NONBLOCK: non-blocking from birth, no separate ioctl.
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         try:
-            # A unix connect completes at once or fails (EAGAIN: the listener's backlog is full).
-            err = sock.connect_ex(target.path)
-            if err == errno.EINPROGRESS:
-                await _ready(self.loop, sock.fileno(), True, deadline)
-                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                raise OSError(err, os.strerror(err))
-            return sock
-        except TimeoutError:
-            sock.close()
-            raise _Rejected("connect_failed", f"{target}: connect timeout") from None
+            if family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # `address` is an IP literal (Resolver's contract): no name lookup happens here.
+            err = sock.connect_ex(target)
         except OSError as exc:
             sock.close()
-            why = os.strerror(exc.errno) if exc.errno else str(exc)
-            raise _Rejected("connect_failed", f"{target}: {why}") from None
-        except BaseException:
+            # The errno says why; an address Python cannot parse (gaierror) has none.
+            self._address_failed(os.strerror(exc.errno) if exc.errno else str(exc))
+            return
+        if err == 0:
+            self._connected(sock, 0)
+            return
+        if err not in (errno.EINPROGRESS, errno.EINTR):
             sock.close()
-            raise
-
-    async def _connect(self, addresses: list[str], port: int, deadline: float) -> socket.socket:
-        """Try each address in turn by `deadline`; a dead address gets its share of the time left, so
-        one black hole cannot use up the whole budget."""
-        assert self.loop is not None
-        loop = self.loop
-        errors: list[str] = []
-        for index, address in enumerate(addresses):
-            family = socket.AF_INET6 if ":" in address else socket.AF_INET
-            target = (address, port)
-            self.backend_address = target
-            started = loop.time()
-            share_ends = started + (deadline - started) / (len(addresses) - index)
-            # SOCK_NONBLOCK: non-blocking from birth, no separate ioctl.
-            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-            ticket = None
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                ticket = self._shortcut_ticket(sock, target)
-                # `address` is an IP literal (Resolver's contract): no name lookup happens here.
-                err = sock.connect_ex(target)
-                if err in (errno.EINPROGRESS, errno.EINTR):
-                    await _ready(loop, sock.fileno(), True, share_ends)
-                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                if err:
-                    raise OSError(err, os.strerror(err))
-                self._ticket = ticket
-                return sock
-            except TimeoutError:
-                errors.append(f"{peer_text(target)}: connect timeout")
-            except OSError as exc:
-                # The errno says why; an address Python cannot parse (gaierror) has none.
-                why = os.strerror(exc.errno) if exc.errno else str(exc)
-                errors.append(f"{peer_text(target)}: {why}")
-            except BaseException:
-                sock.close()
-                if ticket is not None:
-                    self.relay.shortcut.finish(ticket)  # type: ignore[union-attr]
-                raise
+            self._address_failed(os.strerror(err))
+            return
+        # In progress: write the first bytes now. On loopback (and whenever the handshake is done by
+        # the time connect returns) this succeeds and no readiness watch or SO_ERROR read is needed;
+        # a socket still in SYN_SENT says EAGAIN, a refused one its error. Not when the relay hands
+        # the pair to the kernel at once: its hand-off must follow the first bytes within the same
+        # callback, before the backend can answer (what it answers first would be copied instead).
+        try:
+            if self.relay.handoff_at_once:
+                raise BlockingIOError
+            sent = sock.send(self._first_bytes())
+        except (BlockingIOError, InterruptedError):
+            self._connecting = sock
+            self._watch(sock, _OUT, self._on_connect_event)
+            self._set_timer(share_ends, self._connect_timeout)
+            return
+        except OSError as exc:
             sock.close()
-            if ticket is not None:
-                self.relay.shortcut.finish(ticket)  # type: ignore[union-attr]
-        raise _Rejected("connect_failed", "; ".join(errors))
+            self._address_failed(os.strerror(exc.errno) if exc.errno else str(exc))
+            return
+        self._connected(sock, sent)
 
-    def _shortcut_ticket(self, sock: socket.socket, target: tuple[str, int]) -> Any:
-        """Register the connection for the local-backend short-circuit when it is on and `target`
-        is one of this host's addresses (a Ticket), else None. A failed registration is logged by
-        the Shortcut and leaves the connection on the normal path (access log `shortcut_fallback`)."""
-        shortcut = self.relay.shortcut
-        if shortcut is None or self.client is None:
-            return None
-        ip = ipaddress.ip_address(target[0])
-        local = self.policy.is_local(ip) if self.policy.is_local is not None else ip.is_loopback
-        if not local:
-            return None
-        ticket = shortcut.prepare(self.client, sock, target)
-        if isinstance(ticket, str):
-            self._shortcut_refused = ticket
-            return None
-        return ticket
+    def _on_connect_event(self, fd: int, events: int) -> None:
+        self._step(self._attempt, self._connect_ready)
 
-    async def _send_alert(self, description: tls.AlertDescription) -> None:
+    def _connect_ready(self) -> None:
+        sock = self._connecting
+        assert sock is not None
+        self._cancel_timer()
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._connecting = None
+            self._close(sock)
+            self._address_failed(os.strerror(err))
+            return
+        self._connecting = None
+        self._connected(sock, 0)
+
+    def _connect_timeout(self) -> None:
+        self._timer = None
+        sock = self._connecting
+        assert sock is not None
+        self._connecting = None
+        self._close(sock)
+        self._attempt(self._address_failed, "connect timeout")
+
+    def _first_bytes(self) -> bytes:
+        """What the backend gets first: the PROXY header (if the route wants one) and every byte read
+        from the client so far. Made once: a failed connect sends the same bytes to the next one."""
+        if self._first is None:
+            assert self.route is not None
+            first = bytes(self.buffered)
+            if self.route.proxy_protocol:
+                header = self._proxy_header(self.route.proxy_protocol)
+                self.added_up = len(header)
+                first = header + first
+            self._first = first
+        return self._first
+
+    def _connected(self, backend: socket.socket, sent: int) -> None:
+        """Connected (`sent` of the first bytes already written): the relay owns both sockets now."""
+        target = self._targets[self._target_index]
+        if len(self._targets) > 1 and self.balancer is not None:
+            if self.balancer.connected(target):
+                log.info("backend_up", backend=str(target), by="connection")
+            self._balanced = target
+        self._tried = [f.reason for f in self._failures]
+        self.state = State.RELAYING
+        first = self._first_bytes()
+        client, self.client = self.client, None
+        assert client is not None and self.loop is not None
+        relay = self.relay
+        self._unix = backend.family == socket.AF_UNIX and relay.mode != _UNIX_COPY.mode
+        if self._unix:
+            relay = _UNIX_COPY
+        self._running = relay.start(self.loop, client, backend, first[sent:] if sent else first,
+                                    self.policy.limits.idle_timeout, self._relay_done, sent)
+
+    def _relay_done(self, result: RelayResult | BaseException) -> None:
+        self._running = None
+        if isinstance(result, BaseException):
+            access_log.error("connection_error", client=peer_text(self.client_address),
+                             exc_info=result)
+            self._end("internal_error", repr(result))
+            return
+        if self._unix:
+            result.fallback_reason = UNIX_COPY_REASON
+        self._end(result.outcome.value, None, result)
+
+    def _send_alert(self, description: tls.AlertDescription) -> None:
         if self.client is None:
             return
         try:
@@ -582,10 +798,4 @@ class Connection:
             event["splice_fallback"] = result.fallback_reason
         if result and result.kernel_bytes:
             event["kernel_bytes"] = result.kernel_bytes
-        if result and result.shortcut:
-            event["shortcut"] = True
-            event["shortcut_bytes"] = result.shortcut_bytes
-        elif result and (result.shortcut_fallback or self._shortcut_refused):
-            event["shortcut"] = False
-            event["shortcut_fallback"] = result.shortcut_fallback or self._shortcut_refused
         getattr(access_log, access_level(outcome))("access", **event)

@@ -135,6 +135,19 @@ class Resolver:
     def config(self) -> ResolverConfig:
         return self._config
 
+    def resolve_now(self, host: str) -> list[str] | None:
+        """resolve() without waiting: the addresses of a literal or a cached answer (ResolveError for
+        a cached negative one), or None when it takes a query (then call resolve())."""
+        literal = _ip_literal(host)
+        if literal is not None:
+            return [literal]
+        name = host.lower().rstrip(".")
+        cached = self._cache.get(name)
+        if cached is not None and cached.answers(self._config.mode):
+            metrics.dns_lookup(True)
+            return self._addresses(name, cached, cached=True)
+        return None
+
     async def resolve(self, host: str) -> list[str]:
         literal = _ip_literal(host)
         if literal is not None:

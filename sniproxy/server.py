@@ -1,9 +1,11 @@
 # The server's lifecycle: bind listeners, accept, hold the set of live connections, reload on SIGHUP,
 # drain on SIGTERM/SIGINT. Signal handlers only set events; the serve() coroutine does the work.
-# Invariant: every accepted socket becomes a tracked Connection task or is closed (and logged) at once.
+# Invariant: every accepted socket becomes a tracked Connection (in _connections until its on_done) or
+# is closed (and logged) at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import ipaddress
@@ -86,7 +88,8 @@ class Server:
         self._gated_ports = (frozenset(lst.bind.port for lst in self.config.listeners)
                              if self.xdp is not None else None)
         self._listening: list[_Listening] = []
-        self._connections: set[asyncio.Task[None]] = set()
+        self._connections: set[Connection] = set()
+        self._all_done: asyncio.Future[None] | None = None  # set when _connections empties (drain)
         self._per_ip: dict[str, int] = {}
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
@@ -355,11 +358,10 @@ class Server:
         grace = self.config.limits.shutdown_grace
         if self._connections:
             log.info("draining", connections=len(self._connections), grace_seconds=grace)
-            _done, pending = await asyncio.wait(set(self._connections), timeout=grace)
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending)
+            await self._connections_closed(grace)
+            for connection in list(self._connections):
+                connection.cancel()
+            await self._connections_closed(None)
         for resolver in list(self._resolver_users):
             if resolver is not self.resolver:  # its connections were cut above
                 self._retire(resolver)
@@ -368,6 +370,13 @@ class Server:
         if self.resolver is not None:
             await self.resolver.close()
         log.info("stopped")
+
+    async def _connections_closed(self, timeout: float | None) -> None:
+        """Until every connection has ended, or `timeout` seconds."""
+        if not self._connections:
+            return
+        self._all_done = asyncio.get_running_loop().create_future()
+        await asyncio.wait([self._all_done], timeout=timeout)
 
     def _close_listeners(self) -> None:
         loop = asyncio.get_event_loop()
@@ -381,6 +390,10 @@ class Server:
 
     def _watch(self, entry: _Listening) -> None:
         entry.paused = False
+        # Accepted sockets inherit TCP_NODELAY from the listener: one setsockopt here, none per
+        # connection.
+        with contextlib.suppress(OSError):
+            entry.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         asyncio.get_running_loop().add_reader(entry.sock.fileno(), self._accept, entry)
 
     def _accept(self, entry: _Listening) -> None:
@@ -428,20 +441,21 @@ class Server:
                                 listener=entry.name, outcome=outcome, state="accepted",
                                 bytes_up=0, bytes_down=0, duration_ms=0.0)
             return
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.accepted += 1
         resolver = self.resolver
         assert resolver is not None
         connection = Connection(client, address, entry.name, policy, resolver, self.relay, loop,
-                                self.balancer)
-        task = loop.create_task(connection.handle())
-        self._connections.add(task)
+                                self.balancer, self._connection_done)
+        self._connections.add(connection)
         self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
         self._resolver_users[resolver] = self._resolver_users.get(resolver, 0) + 1
-        task.add_done_callback(lambda t: self._connection_done(t, ip, resolver))
+        connection.start()  # may end (and call _connection_done) before it returns
 
-    def _connection_done(self, task: asyncio.Task[None], ip: str, resolver: Resolver) -> None:
-        self._connections.discard(task)
+    def _connection_done(self, connection: Connection) -> None:
+        self._connections.discard(connection)
+        if not self._connections and self._all_done is not None and not self._all_done.done():
+            self._all_done.set_result(None)
+        ip, resolver = connection.peer_ip, connection.resolver
         left = self._per_ip[ip] - 1
         if left:
             self._per_ip[ip] = left

@@ -1,21 +1,21 @@
 # The relay layer: moves a routed connection's bytes until both sides are done. Every connection
 # starts in the userspace copy engine (relay.copy); with a splice table it is handed to the kernel
 # (relay.handoff, relay.spliced) once it has moved `splice_after` bytes either way, so a short
-# connection never costs a bpf() call. A connection to a local backend may also carry a short-circuit
-# ticket (relay.shortcut): the kernel then moves backend -> client itself and the phases here see
-# only the client's bytes and the backend's FIN/RST; the ticket is released after both sockets
-# closed, and its byte count folded into the result. Invariant: Relay.relay() owns both sockets from the call on,
-# delivers `first` to the backend before anything else, and closes both before it returns.
+# connection never costs a bpf() call. Invariant: Relay.start() (and its awaitable form relay()) owns
+# both sockets from the call on, delivers `first` to the backend before anything else, closes both,
+# and reports exactly once. A connection that is never handed off runs on callbacks only; the
+# hand-off and the kernel phase run in a task of their own.
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import socket
+from collections.abc import Callable
 
-from .copy import FINISHED, CopyPhase
+from .copy import FINISHED, HANDOFF, CopyPhase
 from .result import Outcome, RelayResult
 
-__all__ = ["Outcome", "Relay", "RelayResult"]
+__all__ = ["Outcome", "Relay", "RelayResult", "Running"]
 
 # Default [ebpf] splice_after: at ~110 us of extra proxy CPU per handed-off pair, the kernel path
 # pays for itself from about 1 MB moved (docs/benchmarks.md).
@@ -27,22 +27,22 @@ class Relay:
     then hand off at splice_after bytes (0: at once); a hand-off the kernel refuses keeps copying."""
 
     def __init__(self, table: object | None = None, *, splice_after: int = DEFAULT_SPLICE_AFTER,
-                 sndbuf: int | None = None, rcvbuf: int | None = None) -> None:
+                 sndbuf: int | None = None) -> None:
         self.table = table
-        # The local-backend short-circuit (relay.shortcut.Shortcut), set by dataplane when
-        # [ebpf] shortcut_cgroup loads; None: off.
-        self.shortcut = None
         self.mode = "copy" if table is None else "splice"
         self.splice_after = splice_after
         self._buffer: bytearray | None = None
         self._watcher = None
         self._workers = (0, 1)
-        self._buffers = None
         if table is not None:
-            from .handoff import DEFAULT_SNDBUF, HANDOFF_RCVBUF
+            from .handoff import DEFAULT_SNDBUF
 
             self.sndbuf = DEFAULT_SNDBUF if sndbuf is None else sndbuf
-            self.rcvbuf = HANDOFF_RCVBUF if rcvbuf is None else rcvbuf
+
+    @property
+    def handoff_at_once(self) -> bool:
+        """splice_after = 0: every pair goes to the kernel as soon as the first bytes are written."""
+        return self.table is not None and self.splice_after == 0
 
     def use_worker(self, index: int, workers: int = 1) -> None:
         """Called once in a worker process ([server] workers), after the fork, before relaying: pairs
@@ -61,49 +61,80 @@ class Relay:
                 structlog.get_logger("sniproxy.relay").warning("worker_pairs_forgotten", worker=index,
                                                                entries=count)
 
+    def start(self, loop: asyncio.AbstractEventLoop, client: socket.socket, backend: socket.socket,
+              first: bytes, idle_timeout: float, on_done: Callable[[RelayResult | BaseException], None],
+              sent: int = 0) -> Running:
+        """Relay from callbacks: on_done(result) once both sockets are closed (or the exception of a
+        bug). `sent`: bytes of the client's already written to the backend (a connect that completed
+        with the first write), counted in bytes_up."""
+        running = Running(self, loop, client, backend, idle_timeout, on_done)
+        running.copy.start(running.copy_ended, first, sent)
+        return running
+
     async def relay(self, client: socket.socket, backend: socket.socket, first: bytes,
-                    idle_timeout: float, ticket=None) -> RelayResult:  # noqa: ANN001
-        """`ticket`: the short-circuit registration of this connection (Shortcut.prepare), if any."""
-        if ticket is None:
-            return await self._relay(client, backend, first, idle_timeout, None)
+                    idle_timeout: float) -> RelayResult:
+        """start() as an awaitable; cancelled, it cuts the connection and returns once it is closed."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[RelayResult | BaseException] = loop.create_future()
+        running = self.start(loop, client, backend, first, idle_timeout,
+                             lambda r: done.done() or done.set_result(r))
         try:
-            result = await self._relay(client, backend, first, idle_timeout, ticket)
-        finally:
-            # Both sockets are closed by now (or on the way out with an exception): release.
-            finished = self.shortcut.finish(ticket)  # type: ignore[attr-defined]
-        result.shortcut = finished.captured
-        result.shortcut_bytes = finished.moved(ticket, result.bytes_down)
-        result.shortcut_fallback = finished.reason
-        result.bytes_down += result.shortcut_bytes
+            result = await asyncio.shield(done)
+        except asyncio.CancelledError:
+            running.cancel()
+            await asyncio.wait([done])
+            raise
+        if isinstance(result, BaseException):
+            raise result
         return result
 
-    async def _relay(self, client: socket.socket, backend: socket.socket, first: bytes,
-                     idle_timeout: float, ticket) -> RelayResult:  # noqa: ANN001
-        loop = asyncio.get_running_loop()
-        handoff_at = None if self.table is None else self.splice_after
-        copy = CopyPhase(loop, client, backend, idle_timeout, handoff_at)
-        if ticket is not None:
-            copy.activity = ticket.last_activity
-            copy.on_close = lambda: ticket.measure(client, copy.down.shut)
+    def copied(self, copy: CopyPhase, fallback: str | None) -> RelayResult:
+        if self.table is not None and fallback is None:
+            fallback = f"moved under [ebpf] splice_after = {self.splice_after} bytes"
+        return RelayResult(mode="copy", bytes_up=copy.up.moved, bytes_down=copy.down.moved,
+                           outcome=copy.outcome or Outcome.CLOSED, fallback_reason=fallback)
+
+    def hand_off_now(self, copy: CopyPhase):  # noqa: ANN201
+        """The hand-off without waiting, when nothing waits in either receive queue (the usual case
+        right after the first bytes): the kernel takes the pair in the callback that wrote them,
+        before the backend can answer. None: something (or a FIN) waits; the task flushes it."""
+        from .handoff import READ_BUFFER, Refused, insert
+
+        if self._buffer is None:
+            self._buffer = bytearray(READ_BUFFER)  # the kernel phase's, for what it forwards itself
+        copy.detach()
+        for sock in (copy.client, copy.backend):
+            try:
+                sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                return None
+            return None
+        try:
+            return insert(self.table, copy.client, copy.backend, self.sndbuf)  # type: ignore[arg-type]
+        except Refused as exc:
+            return str(exc)
+
+    async def after_handoff(self, loop: asyncio.AbstractEventLoop, copy: CopyPhase, now=None) -> RelayResult:  # noqa: ANN001
+        """The copy phase stopped at a quiet point: hand the pair to the kernel, or keep copying.
+        `now`: what hand_off_now() gave (None: nothing yet)."""
+        how = HANDOFF
         fallback: str | None = None
         try:
-            how = await copy.run(first)
             while how != FINISHED:
                 # A quiet point: hand the pair to the kernel, or say why not and keep copying.
-                spliced = await self._hand_off(loop, copy)
+                spliced, now = (now if now is not None else await self._hand_off(loop, copy)), None
                 if isinstance(spliced, str):
                     fallback = spliced
                     copy.handoff_at = None
                     how = await copy.run()
                     continue
-                return await self._run_spliced(loop, copy, spliced, idle_timeout, ticket)
+                return await self._run_spliced(loop, copy, spliced, copy.idle_timeout)
         except BaseException:
             copy.close(abort=True)
             raise
-        if self.table is not None and fallback is None:
-            fallback = f"moved under [ebpf] splice_after = {self.splice_after} bytes"
-        return RelayResult(mode="copy", bytes_up=copy.up.moved, bytes_down=copy.down.moved,
-                           outcome=copy.outcome or Outcome.CLOSED, fallback_reason=fallback)
+        return self.copied(copy, fallback)
 
     async def _hand_off(self, loop: asyncio.AbstractEventLoop, copy: CopyPhase):  # noqa: ANN202
         from .handoff import Refused, flush_waiting, insert
@@ -120,22 +151,9 @@ class Relay:
         if copy.up.eof or copy.down.eof:
             return "a side half-closed before the hand-off"
         try:
-            return insert(self.table, copy.client, copy.backend, self._buffer_sizes())  # type: ignore[arg-type]
+            return insert(self.table, copy.client, copy.backend, self.sndbuf)  # type: ignore[arg-type]
         except Refused as exc:
             return str(exc)
-
-    def _buffer_sizes(self):  # noqa: ANN202
-        """Decided at the first hand-off of this process (after any privilege drop), logged once."""
-        if self._buffers is None:
-            import structlog
-
-            from .handoff import BufferSizes
-
-            self._buffers = BufferSizes.plan(self.sndbuf, self.rcvbuf)
-            structlog.get_logger("sniproxy.relay").info(
-                "splice_buffers", sndbuf=self._buffers.sndbuf, rcvbuf=self._buffers.rcvbuf,
-                note=self._buffers.note)
-        return self._buffers
 
     def _watcher_for(self, loop: asyncio.AbstractEventLoop):  # noqa: ANN202
         from .spliced import Watcher
@@ -145,7 +163,7 @@ class Relay:
         return self._watcher
 
     async def _run_spliced(self, loop: asyncio.AbstractEventLoop, copy: CopyPhase, inserted,  # noqa: ANN001
-                           idle_timeout: float, ticket=None) -> RelayResult:  # noqa: ANN001
+                           idle_timeout: float) -> RelayResult:
         from .spliced import SplicedConnection
 
         assert self._buffer is not None
@@ -156,8 +174,6 @@ class Relay:
             await conn.run(watcher, idle_timeout)
         finally:
             copy.closed = True
-            if ticket is not None:
-                ticket.measure(copy.client, conn.down.finished)
             copy.client.close()
             copy.backend.close()
             # The counters live in the slots until they are reused: read them before giving them back.
@@ -176,3 +192,49 @@ class Relay:
             kernel_up=up_kernel,
             kernel_down=down_kernel,
         )
+
+
+class Running:
+    """One connection being relayed: the copy phase on callbacks, then (after a hand-off point) a task
+    for the hand-off and the kernel phase. cancel() cuts it; on_done follows (at once while copying)."""
+
+    __slots__ = ("relay", "loop", "copy", "on_done", "task")
+
+    def __init__(self, relay: Relay, loop: asyncio.AbstractEventLoop, client: socket.socket,
+                 backend: socket.socket, idle_timeout: float,
+                 on_done: Callable[[RelayResult | BaseException], None]) -> None:
+        self.relay = relay
+        self.loop = loop
+        handoff_at = None if relay.table is None else relay.splice_after
+        self.copy = CopyPhase(loop, client, backend, idle_timeout, handoff_at)
+        self.on_done = on_done
+        self.task: asyncio.Task[None] | None = None
+
+    def copy_ended(self, how: str) -> None:
+        if how == FINISHED:
+            self.on_done(self.relay.copied(self.copy, None))
+            return
+        try:
+            now = self.relay.hand_off_now(self.copy)
+        except Exception as exc:  # a bug: the connection reports it (access log internal_error)
+            self.copy.close(abort=True)
+            self.on_done(exc)
+            return
+        self.task = self.loop.create_task(self._after_handoff(now))
+
+    async def _after_handoff(self, now) -> None:  # noqa: ANN001
+        try:
+            result: RelayResult | BaseException = await self.relay.after_handoff(self.loop, self.copy, now)
+        except asyncio.CancelledError:
+            copy = self.copy
+            result = RelayResult(mode="copy", bytes_up=copy.up.moved, bytes_down=copy.down.moved,
+                                 outcome=Outcome.SHUTDOWN)
+        except Exception as exc:  # a bug: the connection reports it (access log internal_error)
+            result = exc
+        self.on_done(result)
+
+    def cancel(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        else:
+            self.copy.cancel()

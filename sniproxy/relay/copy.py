@@ -6,7 +6,9 @@
 # both directions are finished, or when the hand-off asked for has a quiet point: nothing read from
 # either socket is still unwritten and neither socket is being read. Invariant: bytes leave in the
 # order they arrived; at most one chunk per direction is held here (reading a source stops while its
-# chunk waits for the destination), so memory per connection is bounded.
+# chunk waits for the destination), so memory per connection is bounded. The copy phase reports its
+# end through a callback (start/on_end), so a short connection costs no task and no future; run() is
+# the awaitable form for the hand-off's task.
 from __future__ import annotations
 
 import asyncio
@@ -40,6 +42,7 @@ class Poller:
         self.loop = loop
         self.epoll = select.epoll()
         self.handlers: dict[int, Callable[[int, int], None]] = {}
+        self.masks: dict[int, int] = {}
         loop.add_reader(self.epoll.fileno(), self._dispatch)
 
     @classmethod
@@ -50,17 +53,29 @@ class Poller:
         return poller
 
     def set(self, fd: int, mask: int, handler: Callable[[int, int], None]) -> None:
-        """Watch fd for mask (0: none); a socket no longer in `handlers` is (re)registered."""
-        if fd in self.handlers:
-            self.epoll.modify(fd, mask)
-        else:
+        """Watch fd for mask (0: none); a socket no longer in `handlers` is (re)registered. A socket
+        keeps one registration for its whole life (hello, connect, copy): the handler changes hands
+        for free, and only a changed mask costs an epoll_ctl."""
+        known = self.masks.get(fd)
+        if known is None:
             self.epoll.register(fd, mask)
+        elif known != mask:
+            self.epoll.modify(fd, mask)
+        self.masks[fd] = mask
         self.handlers[fd] = handler
 
     def forget(self, fd: int) -> None:
+        """Stop watching a socket that stays open (a hand-off, or one failing while unwatched)."""
         if self.handlers.pop(fd, None) is not None:
+            del self.masks[fd]
             with contextlib.suppress(OSError, ValueError):
                 self.epoll.unregister(fd)
+
+    def drop(self, fd: int) -> None:
+        """Forget a socket about to be closed: closing its only descriptor takes it out of the epoll
+        set (EPOLL_CTL_DEL would be one more system call for nothing)."""
+        if self.handlers.pop(fd, None) is not None:
+            del self.masks[fd]
 
     def _dispatch(self) -> None:
         for fd, events in self.epoll.poll(0, 512):
@@ -119,7 +134,7 @@ class CopyPhase:
         self.outcome: Outcome | None = None
         self.closed = False
         self.last_activity = time.monotonic()
-        self._done: asyncio.Future[str] | None = None
+        self.on_end: Callable[[str], None] | None = None  # called once per start(): FINISHED or HANDOFF
         self._idle: asyncio.TimerHandle | None = None
         self._reset_side: str | None = None
         # Bytes that bypass this engine (the local-backend short-circuit) still count as activity:
@@ -130,11 +145,13 @@ class CopyPhase:
         self.on_close: Callable[[], None] | None = None
 
     # -- running -----------------------------------------------------------------------------------
-    async def run(self, first: bytes = b"") -> str:
-        """Start (or resume after a refused hand-off) copying. `first` goes to the backend before
-        anything read from the client."""
-        self._done = self.loop.create_future()
+    def start(self, on_end: Callable[[str], None], first: bytes = b"", sent: int = 0) -> None:
+        """Start (or resume after a refused hand-off) copying; on_end(how) is called once, when it
+        stops. `first` goes to the backend before anything read from the client; `sent` bytes of the
+        client's were already written to the backend (counted in up.moved, not written again)."""
+        self.on_end = on_end
         self.handoff_wanted = False
+        self.up.moved += sent
         if first:
             self.up.moved += len(first)
             self.up.pending = memoryview(first)
@@ -145,23 +162,35 @@ class CopyPhase:
             elif flow.eof and flow.pending is None and not flow.shut:
                 self._shut(flow)
         self._check_end()
+        if self.on_end is None:
+            return  # already over
         if self.handoff_at is not None and (self.handoff_at == 0 or max(self.up.moved, self.down.moved) >= self.handoff_at):
             self._want_handoff()
-        self._watch_idle()
+        if self.on_end is not None:
+            self._watch_idle()
+
+    async def run(self, first: bytes = b"") -> str:
+        """start() as an awaitable: FINISHED or HANDOFF. Cancelled: aborted, outcome SHUTDOWN."""
+        done: asyncio.Future[str] = self.loop.create_future()
+        self.start(lambda how: done.done() or done.set_result(how), first)
         try:
-            return await self._done
+            return await done
         except asyncio.CancelledError:
-            self.outcome = self.outcome or Outcome.SHUTDOWN
-            self.close(abort=True)
+            self.cancel()
             raise
-        finally:
-            if self._idle is not None:
-                self._idle.cancel()
-                self._idle = None
+
+    def cancel(self) -> None:
+        """Cut now (the server's drain deadline): both sockets reset, on_end(FINISHED)."""
+        self.outcome = self.outcome or Outcome.SHUTDOWN
+        self.close(abort=True)
 
     def _finish(self, how: str) -> None:
-        if self._done is not None and not self._done.done():
-            self._done.set_result(how)
+        on_end, self.on_end = self.on_end, None
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        if on_end is not None:
+            on_end(how)
 
     # -- callbacks ---------------------------------------------------------------------------------
     def _on_readable(self, flow: Flow) -> None:
@@ -179,10 +208,12 @@ class CopyPhase:
                 self._reset(flow.name)
                 return
             flow.eof = True
-            self._stop_reading(flow)
+            flow.reading = False
             if flow.pending is None:
                 self._shut(flow)
             self._check_end()
+            if not self.closed:
+                self._update(flow.src_fd)  # stop reading it (unless everything just closed: no call)
             if self.handoff_wanted:
                 self._cancel_handoff()
             return
@@ -311,6 +342,8 @@ class CopyPhase:
             self.close()
 
     def _watch_idle(self) -> None:
+        if self.closed:
+            return
         remaining = self.last_activity + self.idle_timeout - time.monotonic()
         if remaining <= 0 and self.activity is not None:
             elsewhere = self.activity()
@@ -334,7 +367,10 @@ class CopyPhase:
     def close(self, abort: bool = False) -> None:
         if self.closed:
             return
-        self.detach()
+        for flow in (self.up, self.down):
+            flow.reading = flow.writing = False
+        self.poller.drop(self.up.src_fd)
+        self.poller.drop(self.down.src_fd)
         self.closed = True
         if self.on_close is not None:
             self.on_close()
