@@ -64,6 +64,10 @@ class _Listening:
     name: str
     sock: socket.socket
     paused: bool = False
+    kind: tuple[int, int, int] = (0, 0, 0)  # family, type, proto of its accepted sockets, as ints
+
+    def __post_init__(self) -> None:
+        self.kind = (int(self.sock.family), int(self.sock.type), self.sock.proto)
 
 
 @dataclass
@@ -398,9 +402,14 @@ class Server:
 
     def _accept(self, entry: _Listening) -> None:
         loop = asyncio.get_running_loop()
+        listening = entry.sock
+        family, kind, proto = entry.kind
         for _ in range(_ACCEPT_BATCH):
             try:
-                client, address = entry.sock.accept()
+                # socket.accept() without its Python wrapper's enum conversions; non-blocking from
+                # here on (one ioctl: accept4 in Python sets no SOCK_NONBLOCK).
+                fd, address = listening._accept()
+                client = socket.socket(family, kind, proto, fd)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
