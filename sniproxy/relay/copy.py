@@ -45,11 +45,18 @@ class Poller:
         self.masks: dict[int, int] = {}
         loop.add_reader(self.epoll.fileno(), self._dispatch)
 
+    # The last one asked for (one process runs one loop): no weak-key lookup per connection.
+    _last: weakref.ref[Poller] | None = None
+
     @classmethod
     def of(cls, loop: asyncio.AbstractEventLoop) -> Poller:
+        last = cls._last() if cls._last is not None else None
+        if last is not None and last.loop is loop:
+            return last
         poller = cls._by_loop.get(loop)
         if poller is None:
             poller = cls._by_loop[loop] = cls(loop)
+        cls._last = weakref.ref(poller)
         return poller
 
     def set(self, fd: int, mask: int, handler: Callable[[int, int], None]) -> None:
@@ -294,6 +301,10 @@ class CopyPhase:
 
     def _shut(self, flow: Flow) -> None:
         flow.shut = True
+        if (self.down if flow is self.up else self.up).shut:
+            # The last direction: close() follows at once (_check_end) and sends this FIN itself;
+            # nothing is unread on that socket (its EOF was read), so it is a FIN, not a reset.
+            return
         with contextlib.suppress(OSError):
             flow.dst.shutdown(socket.SHUT_WR)
 
