@@ -273,7 +273,13 @@ class Connection:
         """A slow path as a task of this connection; its end (or cancellation) ends the connection
         unless it went on to the next phase."""
         assert self.loop is not None
-        self._task = self.loop.create_task(self._slow(coro))
+        self._task = task = self.loop.create_task(self._slow(coro))
+        task.add_done_callback(self._slow_done)
+
+    def _slow_done(self, task: asyncio.Task[None]) -> None:
+        # A task cancelled before its first step never ran _slow's except clause.
+        if task.cancelled() and not self.finished:
+            self._end(Outcome.SHUTDOWN.value, None)
 
     async def _slow(self, coro: Any) -> None:
         try:

@@ -112,9 +112,11 @@ class Relay:
                 return None
             return None
         try:
-            return insert(self.table, copy.client, copy.backend, self.sndbuf)  # type: ignore[arg-type]
+            inserted = insert(self.table, copy.client, copy.backend, self.sndbuf)  # type: ignore[arg-type]
         except Refused as exc:
             return str(exc)
+        # Watched from the same callback: a hold the verdict announces from now on finds its pair.
+        return self.splice_begin(copy.loop, copy, inserted)
 
     async def after_handoff(self, loop: asyncio.AbstractEventLoop, copy: CopyPhase, now=None) -> RelayResult:  # noqa: ANN001
         """The copy phase stopped at a quiet point: hand the pair to the kernel, or keep copying.
@@ -130,7 +132,8 @@ class Relay:
                     copy.handoff_at = None
                     how = await copy.run()
                     continue
-                return await self._run_spliced(loop, copy, spliced, copy.idle_timeout)
+                begun = spliced if isinstance(spliced, Begun) else self.splice_begin(loop, copy, spliced)
+                return await self._run_spliced(begun, copy.idle_timeout)
         except BaseException:
             copy.close(abort=True)
             raise
@@ -162,28 +165,43 @@ class Relay:
             self._watcher = Watcher(loop, self.table)  # type: ignore[arg-type]
         return self._watcher
 
-    async def _run_spliced(self, loop: asyncio.AbstractEventLoop, copy: CopyPhase, inserted,  # noqa: ANN001
-                           idle_timeout: float) -> RelayResult:
+    def splice_begin(self, loop: asyncio.AbstractEventLoop, copy: CopyPhase, inserted) -> Begun:  # noqa: ANN001
+        """The kernel phase's state for an inserted pair, watched (hang-ups, holds) from this call on."""
         from .spliced import SplicedConnection
 
         assert self._buffer is not None
         conn = SplicedConnection(loop, self.table, inserted.pair, copy.client, copy.backend,  # type: ignore[arg-type]
                                  inserted.client_base, inserted.backend_base, self._buffer)
         watcher = self._watcher_for(loop)
+        conn.attach(watcher)
+        return Begun(copy, inserted, conn, watcher)
+
+    async def _run_spliced(self, begun: Begun, idle_timeout: float) -> RelayResult:
         try:
-            await conn.run(watcher, idle_timeout)
-        finally:
-            copy.closed = True
-            copy.client.close()
-            copy.backend.close()
-            # The counters live in the slots until they are reused: read them before giving them back.
-            up_kernel, down_kernel = inserted.pair.a.redir_bytes, inserted.pair.b.redir_bytes
-            with contextlib.suppress(OSError):
-                self.table.remove(inserted.pair)  # type: ignore[attr-defined]
-            if watcher.empty and self._watcher is watcher:
-                watcher.close()
-                self._watcher = None
-        return RelayResult(
+            await begun.conn.run(begun.watcher, idle_timeout)
+        except BaseException:
+            self.splice_end(begun)
+            raise
+        return self.splice_end(begun)
+
+    def splice_end(self, begun: Begun) -> RelayResult:
+        """Close the pair's sockets, take it out of the maps; its result. Once (later calls: the same)."""
+        if begun.result is not None:
+            return begun.result
+        copy, inserted, conn, watcher = begun.copy, begun.inserted, begun.conn, begun.watcher
+        watcher.discard(conn.up)
+        watcher.discard(conn.down)
+        copy.closed = True
+        copy.client.close()
+        copy.backend.close()
+        # The counters live in the slots until they are reused: read them before giving them back.
+        up_kernel, down_kernel = inserted.pair.a.redir_bytes, inserted.pair.b.redir_bytes
+        with contextlib.suppress(OSError):
+            self.table.remove(inserted.pair)  # type: ignore[attr-defined]
+        if watcher.empty and self._watcher is watcher:
+            watcher.close()
+            self._watcher = None
+        begun.result = RelayResult(
             mode="splice",
             bytes_up=copy.up.moved + conn.up.forwarded + up_kernel,
             bytes_down=copy.down.moved + conn.down.forwarded + down_kernel,
@@ -192,13 +210,25 @@ class Relay:
             kernel_up=up_kernel,
             kernel_down=down_kernel,
         )
+        return begun.result
+
+
+class Begun:
+    """A pair in the kernel phase: what splice_end() needs to close it and report it."""
+
+    __slots__ = ("copy", "inserted", "conn", "watcher", "result")
+
+    def __init__(self, copy: CopyPhase, inserted, conn, watcher) -> None:  # noqa: ANN001
+        self.copy, self.inserted, self.conn, self.watcher = copy, inserted, conn, watcher
+        self.result: RelayResult | None = None
 
 
 class Running:
     """One connection being relayed: the copy phase on callbacks, then (after a hand-off point) a task
-    for the hand-off and the kernel phase. cancel() cuts it; on_done follows (at once while copying)."""
+    for the hand-off and the kernel phase. cancel() cuts it; on_done follows, exactly once (at once
+    while copying)."""
 
-    __slots__ = ("relay", "loop", "copy", "on_done", "task")
+    __slots__ = ("relay", "loop", "copy", "on_done", "task", "begun", "reported")
 
     def __init__(self, relay: Relay, loop: asyncio.AbstractEventLoop, client: socket.socket,
                  backend: socket.socket, idle_timeout: float,
@@ -209,29 +239,55 @@ class Running:
         self.copy = CopyPhase(loop, client, backend, idle_timeout, handoff_at)
         self.on_done = on_done
         self.task: asyncio.Task[None] | None = None
+        self.begun: Begun | None = None
+        self.reported = False
+
+    def _report(self, result: RelayResult | BaseException) -> None:
+        if not self.reported:
+            self.reported = True
+            self.on_done(result)
 
     def copy_ended(self, how: str) -> None:
         if how == FINISHED:
-            self.on_done(self.relay.copied(self.copy, None))
+            self._report(self.relay.copied(self.copy, None))
             return
         try:
             now = self.relay.hand_off_now(self.copy)
         except Exception as exc:  # a bug: the connection reports it (access log internal_error)
             self.copy.close(abort=True)
-            self.on_done(exc)
+            self._report(exc)
             return
+        if isinstance(now, Begun):
+            self.begun = now
         self.task = self.loop.create_task(self._after_handoff(now))
+        self.task.add_done_callback(self._task_done)
 
     async def _after_handoff(self, now) -> None:  # noqa: ANN001
         try:
             result: RelayResult | BaseException = await self.relay.after_handoff(self.loop, self.copy, now)
         except asyncio.CancelledError:
-            copy = self.copy
-            result = RelayResult(mode="copy", bytes_up=copy.up.moved, bytes_down=copy.down.moved,
-                                 outcome=Outcome.SHUTDOWN)
+            result = self._shut_down()
         except Exception as exc:  # a bug: the connection reports it (access log internal_error)
             result = exc
-        self.on_done(result)
+        self._report(result)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        # A task cancelled before its first step never ran its own except clause.
+        if not self.reported:
+            self._report(self._shut_down())
+
+    def _shut_down(self) -> RelayResult:
+        if self.begun is not None and self.begun.result is None and not self.begun.conn.done.is_set():
+            self.begun.conn.outcome = self.begun.conn.outcome or Outcome.SHUTDOWN
+            self.begun.conn.abort()
+            return self.relay.splice_end(self.begun)
+        if self.begun is not None and self.begun.result is not None:
+            return self.begun.result
+        copy = self.copy
+        copy.outcome = copy.outcome or Outcome.SHUTDOWN
+        copy.close(abort=True)
+        return RelayResult(mode="copy", bytes_up=copy.up.moved, bytes_down=copy.down.moved,
+                           outcome=Outcome.SHUTDOWN)
 
     def cancel(self) -> None:
         if self.task is not None:

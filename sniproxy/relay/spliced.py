@@ -368,6 +368,7 @@ class SplicedConnection:
         self.tasks: list[asyncio.Task[None]] = []
         self.last_activity = time.monotonic()
         self._idle: asyncio.TimerHandle | None = None
+        self.attached = False
 
     def other(self, name: str) -> str:
         return "backend" if name == "client" else "client"
@@ -415,11 +416,17 @@ class SplicedConnection:
             return
         self._idle = self.loop.call_later(max(idle_timeout - quiet, 0.01), self._check_idle, idle_timeout)
 
+    def attach(self, watcher: Watcher) -> None:
+        """Watch both sockets (hang-ups, and holds on the ring) from now on; run() does it if not yet."""
+        if not self.attached:
+            self.attached = True
+            watcher.add(self.up)
+            watcher.add(self.down)
+
     async def run(self, watcher: Watcher, idle_timeout: float) -> None:
         self.touch()
         try:
-            watcher.add(self.up)
-            watcher.add(self.down)
+            self.attach(watcher)
             self._idle = self.loop.call_later(idle_timeout, self._check_idle, idle_timeout)
             async with asyncio.TaskGroup() as tg:
                 self.tasks.append(tg.create_task(self.down.run()))
