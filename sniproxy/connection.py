@@ -274,11 +274,12 @@ class Connection:
         unless it went on to the next phase."""
         assert self.loop is not None
         self._task = task = self.loop.create_task(self._slow(coro))
-        task.add_done_callback(self._slow_done)
+        task.add_done_callback(lambda t: self._slow_done(t, coro))
 
-    def _slow_done(self, task: asyncio.Task[None]) -> None:
-        # A task cancelled before its first step never ran _slow's except clause.
+    def _slow_done(self, task: asyncio.Task[None], coro: Any) -> None:
+        # A task cancelled before its first step never ran _slow's except clause (nor `coro`).
         if task.cancelled() and not self.finished:
+            coro.close()
             self._end(Outcome.SHUTDOWN.value, None)
 
     async def _slow(self, coro: Any) -> None:

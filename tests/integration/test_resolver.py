@@ -445,3 +445,28 @@ async def test_sighup_applies_mode_and_ttl_bounds_to_new_lookups(ca, dns, start_
         assert dns.queries[("two-backend.test", "AAAA")] == 2
     finally:
         await backend.close()
+
+
+async def test_sigterm_cuts_connections_waiting_for_a_query_or_a_hello(gated, start_proxy) -> None:
+    """The slow paths end at the drain deadline like the rest: one connection waits on a held DNS
+    query (a task of its own), another for its ClientHello (a timer); both are logged "shutdown"
+    from the phase they were in, and the proxy exits."""
+    gated.add("held-backend.test", ["127.0.0.1"])
+    port = free_port()
+    text = proxy_config(port, [("held.test", "held-backend.test:9")], gated.address, timeout=10.0, tries=1,
+                        mode="ipv4_only")
+    assert "shutdown_grace = 5.0\n" in text
+    proxy = start_proxy(text.replace("shutdown_grace = 5.0\n", "shutdown_grace = 0.5\n"))
+    _, waiting_dns = await asyncio.open_connection("127.0.0.1", port)
+    waiting_dns.write(real_client_hello("held.test"))
+    _, silent = await asyncio.open_connection("127.0.0.1", port)
+    async with asyncio.timeout(10):
+        while gated.count("held-backend.test") == 0:
+            await asyncio.sleep(0.02)
+    proxy.signal(signal.SIGTERM)
+    assert await asyncio.to_thread(proxy.proc.wait, 10) == 0
+    events = await proxy.access(count=2)
+    assert sorted((e["outcome"], e["state"]) for e in events) == [
+        ("shutdown", "reading_hello"), ("shutdown", "resolving")]
+    waiting_dns.close()
+    silent.close()
