@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import socket
+import struct
+import termios
 from collections.abc import Callable
 
 from .copy import FINISHED, HANDOFF, CopyPhase
 from .result import Outcome, RelayResult
 
 __all__ = ["Outcome", "Relay", "RelayResult", "Running"]
+
+_TCP_ESTABLISHED = 1  # tcp_info.tcpi_state
 
 # Default [ebpf] splice_after: at ~110 us of extra proxy CPU per handed-off pair, the kernel path
 # pays for itself from about 1 MB moved (docs/benchmarks.md).
@@ -104,13 +109,15 @@ class Relay:
             self._buffer = bytearray(READ_BUFFER)  # the kernel phase's, for what it forwards itself
         copy.detach()
         for sock in (copy.client, copy.backend):
+            # Asked without touching the receive queue (no MSG_PEEK: a peek is the suspect of an
+            # earlier duplication, docs/benchmarks.md): still ESTABLISHED (no FIN in), nothing unread.
             try:
-                sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                continue
+                if sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != _TCP_ESTABLISHED:
+                    return None
+                if struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]:
+                    return None
             except OSError:
                 return None
-            return None
         try:
             inserted = insert(self.table, copy.client, copy.backend, self.sndbuf)  # type: ignore[arg-type]
         except Refused as exc:
