@@ -200,6 +200,11 @@ class Connection:
         self._port = 0
         self._unix_label: str | None = None  # a unix target's name in errors
         self._unix = False  # relayed by the copy-only relay because the backend is a unix socket
+        # The short-circuit registration of the backend connection in flight (relay.shortcut), if
+        # any: made before its connect(), handed to the relay with the socket, released here when
+        # that connect fails or the connection ends before relaying.
+        self._ticket: Any = None
+        self._shortcut_refused: str | None = None  # why a local backend was not registered
 
     @property
     def state(self) -> State:
@@ -328,6 +333,7 @@ class Connection:
             if sock is not None:
                 self._close(sock)
         self.client = self._connecting = None
+        self._release_ticket()  # registered, never relayed
         if self._balanced is not None and self.balancer is not None:
             self.balancer.released(self._balanced)
         self._log(outcome, reason, result)
@@ -660,18 +666,24 @@ class Connection:
         try:
             if family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                # Registered BEFORE connect(): the kernel captures the backend's end of a local
+                # backend's connection when it becomes ESTABLISHED, before the backend can accept().
+                self._ticket = self._shortcut_ticket(sock, target)
             # `address` is an IP literal (Resolver's contract): no name lookup happens here.
             err = sock.connect_ex(target)
         except OSError as exc:
-            sock.close()
+            self._drop_attempt(sock)
             # The errno says why; an address Python cannot parse (gaierror) has none.
             self._address_failed(os.strerror(exc.errno) if exc.errno else str(exc))
             return
+        except BaseException:
+            self._drop_attempt(sock)
+            raise
         if err == 0:
             self._connected(sock, 0)
             return
         if err not in (errno.EINPROGRESS, errno.EINTR):
-            sock.close()
+            self._drop_attempt(sock)
             self._address_failed(os.strerror(err))
             return
         # In progress: write the first bytes now. On loopback (and whenever the handshake is done by
@@ -679,6 +691,9 @@ class Connection:
         # a socket still in SYN_SENT says EAGAIN, a refused one its error. Not when the relay hands
         # the pair to the kernel at once: its hand-off must follow the first bytes within the same
         # callback, before the backend can answer (what it answers first would be copied instead).
+        # A short-circuit ticket changes nothing here: bytes can only be sent once our end is
+        # ESTABLISHED, and they reach the backend's end after the handshake's last ACK, which is
+        # when the kernel captured it; the registration (above) was made before connect().
         try:
             if self.relay.handoff_at_once:
                 raise BlockingIOError
@@ -689,10 +704,37 @@ class Connection:
             self._set_timer(share_ends, self._connect_timeout)
             return
         except OSError as exc:
-            sock.close()
+            self._drop_attempt(sock)
             self._address_failed(os.strerror(exc.errno) if exc.errno else str(exc))
             return
         self._connected(sock, sent)
+
+    def _drop_attempt(self, sock: socket.socket) -> None:
+        """A connect attempt failed: close its socket, then release its short-circuit registration."""
+        self._close(sock)
+        self._release_ticket()
+
+    def _release_ticket(self) -> None:
+        ticket, self._ticket = self._ticket, None
+        if ticket is not None:
+            self.relay.shortcut.finish(ticket)  # type: ignore[union-attr]
+
+    def _shortcut_ticket(self, sock: socket.socket, target: tuple[str, int]) -> Any:
+        """Register the connection for the local-backend short-circuit when it is on and `target`
+        is one of this host's addresses (a Ticket), else None. A failed registration is logged by
+        the Shortcut and leaves the connection on the normal path (access log `shortcut_fallback`)."""
+        shortcut = self.relay.shortcut
+        if shortcut is None or self.client is None:
+            return None
+        ip = ipaddress.ip_address(target[0])
+        local = self.policy.is_local(ip) if self.policy.is_local is not None else ip.is_loopback
+        if not local:
+            return None
+        ticket = shortcut.prepare(self.client, sock, target)
+        if isinstance(ticket, str):
+            self._shortcut_refused = ticket
+            return None
+        return ticket
 
     def _on_connect_event(self, fd: int, events: int) -> None:
         self._step(self._attempt, self._connect_ready)
@@ -704,7 +746,7 @@ class Connection:
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             self._connecting = None
-            self._close(sock)
+            self._drop_attempt(sock)
             self._address_failed(os.strerror(err))
             return
         self._connecting = None
@@ -715,7 +757,7 @@ class Connection:
         sock = self._connecting
         assert sock is not None
         self._connecting = None
-        self._close(sock)
+        self._drop_attempt(sock)
         self._attempt(self._address_failed, "connect timeout")
 
     def _first_bytes(self) -> bytes:
@@ -743,12 +785,14 @@ class Connection:
         first = self._first_bytes()
         client, self.client = self.client, None
         assert client is not None and self.loop is not None
+        # The relay owns the registration from here on and releases it after both sockets closed.
+        ticket, self._ticket = self._ticket, None
         relay = self.relay
         self._unix = self._address_family == socket.AF_UNIX and relay.mode != _UNIX_COPY.mode
         if self._unix:
             relay = _UNIX_COPY
         self._running = relay.start(self.loop, client, backend, first[sent:] if sent else first,
-                                    self.policy.limits.idle_timeout, self._relay_done, sent)
+                                    self.policy.limits.idle_timeout, self._relay_done, sent, ticket)
 
     def _relay_done(self, result: RelayResult | BaseException) -> None:
         self._running = None
@@ -805,4 +849,10 @@ class Connection:
             event["splice_fallback"] = result.fallback_reason
         if result and result.kernel_bytes:
             event["kernel_bytes"] = result.kernel_bytes
+        if result and result.shortcut:
+            event["shortcut"] = True
+            event["shortcut_bytes"] = result.shortcut_bytes
+        elif result and (result.shortcut_fallback or self._shortcut_refused):
+            event["shortcut"] = False
+            event["shortcut_fallback"] = result.shortcut_fallback or self._shortcut_refused
         getattr(access_log, access_level(outcome))("access", **event)

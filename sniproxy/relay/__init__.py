@@ -1,10 +1,13 @@
 # The relay layer: moves a routed connection's bytes until both sides are done. Every connection
 # starts in the userspace copy engine (relay.copy); with a splice table it is handed to the kernel
 # (relay.handoff, relay.spliced) once it has moved `splice_after` bytes either way, so a short
-# connection never costs a bpf() call. Invariant: Relay.start() (and its awaitable form relay()) owns
-# both sockets from the call on, delivers `first` to the backend before anything else, closes both,
-# and reports exactly once. A connection that is never handed off runs on callbacks only; the
-# hand-off and the kernel phase run in a task of their own.
+# connection never costs a bpf() call. A connection to a local backend may also carry a short-circuit
+# ticket (relay.shortcut): the kernel then moves backend -> client itself and the phases here see
+# only the client's bytes and the backend's FIN/RST; the ticket is released after both sockets
+# closed, and its byte count folded into the result. Invariant: Relay.start() (and its awaitable form
+# relay()) owns both sockets from the call on, delivers `first` to the backend before anything else,
+# closes both, and reports exactly once. A connection that is never handed off runs on callbacks
+# only; the hand-off and the kernel phase run in a task of their own.
 from __future__ import annotations
 
 import asyncio
@@ -32,17 +35,22 @@ class Relay:
     then hand off at splice_after bytes (0: at once); a hand-off the kernel refuses keeps copying."""
 
     def __init__(self, table: object | None = None, *, splice_after: int = DEFAULT_SPLICE_AFTER,
-                 sndbuf: int | None = None) -> None:
+                 sndbuf: int | None = None, rcvbuf: int | None = None) -> None:
         self.table = table
+        # The local-backend short-circuit (relay.shortcut.Shortcut), set by dataplane when
+        # [ebpf] shortcut_cgroup loads; None: off.
+        self.shortcut = None
         self.mode = "copy" if table is None else "splice"
         self.splice_after = splice_after
         self._buffer: bytearray | None = None
         self._watcher = None
         self._workers = (0, 1)
+        self._buffers = None
         if table is not None:
-            from .handoff import DEFAULT_SNDBUF
+            from .handoff import DEFAULT_SNDBUF, HANDOFF_RCVBUF
 
             self.sndbuf = DEFAULT_SNDBUF if sndbuf is None else sndbuf
+            self.rcvbuf = HANDOFF_RCVBUF if rcvbuf is None else rcvbuf
 
     @property
     def handoff_at_once(self) -> bool:
@@ -68,21 +76,23 @@ class Relay:
 
     def start(self, loop: asyncio.AbstractEventLoop, client: socket.socket, backend: socket.socket,
               first: bytes, idle_timeout: float, on_done: Callable[[RelayResult | BaseException], None],
-              sent: int = 0) -> Running:
+              sent: int = 0, ticket=None) -> Running:  # noqa: ANN001
         """Relay from callbacks: on_done(result) once both sockets are closed (or the exception of a
         bug). `sent`: bytes of the client's already written to the backend (a connect that completed
-        with the first write), counted in bytes_up."""
-        running = Running(self, loop, client, backend, idle_timeout, on_done)
+        with the first write), counted in bytes_up. `ticket`: the short-circuit registration of this
+        connection (Shortcut.prepare, made before the backend's connect()), if any: released after
+        both sockets are closed, before on_done."""
+        running = Running(self, loop, client, backend, idle_timeout, on_done, ticket)
         running.copy.start(running.copy_ended, first, sent)
         return running
 
     async def relay(self, client: socket.socket, backend: socket.socket, first: bytes,
-                    idle_timeout: float) -> RelayResult:
+                    idle_timeout: float, ticket=None) -> RelayResult:  # noqa: ANN001
         """start() as an awaitable; cancelled, it cuts the connection and returns once it is closed."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[RelayResult | BaseException] = loop.create_future()
         running = self.start(loop, client, backend, first, idle_timeout,
-                             lambda r: done.done() or done.set_result(r))
+                             lambda r: done.done() or done.set_result(r), ticket=ticket)
         try:
             result = await asyncio.shield(done)
         except asyncio.CancelledError:
@@ -99,7 +109,7 @@ class Relay:
         return RelayResult(mode="copy", bytes_up=copy.up.moved, bytes_down=copy.down.moved,
                            outcome=copy.outcome or Outcome.CLOSED, fallback_reason=fallback)
 
-    def hand_off_now(self, copy: CopyPhase):  # noqa: ANN201
+    def hand_off_now(self, copy: CopyPhase, ticket=None):  # noqa: ANN001, ANN201
         """The hand-off without waiting, when nothing waits in either receive queue (the usual case
         right after the first bytes): the kernel takes the pair in the callback that wrote them,
         before the backend can answer. None: something (or a FIN) waits; the task flushes it."""
@@ -119,15 +129,17 @@ class Relay:
             except OSError:
                 return None
         try:
-            inserted = insert(self.table, copy.client, copy.backend, self.sndbuf)  # type: ignore[arg-type]
+            inserted = insert(self.table, copy.client, copy.backend, self._buffer_sizes())  # type: ignore[arg-type]
         except Refused as exc:
             return str(exc)
         # Watched from the same callback: a hold the verdict announces from now on finds its pair.
-        return self.splice_begin(copy.loop, copy, inserted)
+        return self.splice_begin(copy.loop, copy, inserted, ticket)
 
-    async def after_handoff(self, loop: asyncio.AbstractEventLoop, copy: CopyPhase, now=None) -> RelayResult:  # noqa: ANN001
+    async def after_handoff(self, loop: asyncio.AbstractEventLoop, copy: CopyPhase, now=None,  # noqa: ANN001
+                            ticket=None) -> RelayResult:  # noqa: ANN001
         """The copy phase stopped at a quiet point: hand the pair to the kernel, or keep copying.
-        `now`: what hand_off_now() gave (None: nothing yet)."""
+        `now`: what hand_off_now() gave (None: nothing yet); `ticket`: the connection's short-circuit
+        registration, measured just before the kernel phase closes the client socket."""
         how = HANDOFF
         fallback: str | None = None
         try:
@@ -139,7 +151,7 @@ class Relay:
                     copy.handoff_at = None
                     how = await copy.run()
                     continue
-                begun = spliced if isinstance(spliced, Begun) else self.splice_begin(loop, copy, spliced)
+                begun = spliced if isinstance(spliced, Begun) else self.splice_begin(loop, copy, spliced, ticket)
                 return await self._run_spliced(begun, copy.idle_timeout)
         except BaseException:
             copy.close(abort=True)
@@ -161,9 +173,22 @@ class Relay:
         if copy.up.eof or copy.down.eof:
             return "a side half-closed before the hand-off"
         try:
-            return insert(self.table, copy.client, copy.backend, self.sndbuf)  # type: ignore[arg-type]
+            return insert(self.table, copy.client, copy.backend, self._buffer_sizes())  # type: ignore[arg-type]
         except Refused as exc:
             return str(exc)
+
+    def _buffer_sizes(self):  # noqa: ANN202
+        """Decided at the first hand-off of this process (after any privilege drop), logged once."""
+        if self._buffers is None:
+            import structlog
+
+            from .handoff import BufferSizes
+
+            self._buffers = BufferSizes.plan(self.sndbuf, self.rcvbuf)
+            structlog.get_logger("sniproxy.relay").info(
+                "splice_buffers", sndbuf=self._buffers.sndbuf, rcvbuf=self._buffers.rcvbuf,
+                note=self._buffers.note)
+        return self._buffers
 
     def _watcher_for(self, loop: asyncio.AbstractEventLoop):  # noqa: ANN202
         from .spliced import Watcher
@@ -172,7 +197,7 @@ class Relay:
             self._watcher = Watcher(loop, self.table)  # type: ignore[arg-type]
         return self._watcher
 
-    def splice_begin(self, loop: asyncio.AbstractEventLoop, copy: CopyPhase, inserted) -> Begun:  # noqa: ANN001
+    def splice_begin(self, loop: asyncio.AbstractEventLoop, copy: CopyPhase, inserted, ticket=None) -> Begun:  # noqa: ANN001
         """The kernel phase's state for an inserted pair, watched (hang-ups, holds) from this call on."""
         from .spliced import SplicedConnection
 
@@ -181,7 +206,7 @@ class Relay:
                                  inserted.client_base, inserted.backend_base, self._buffer)
         watcher = self._watcher_for(loop)
         conn.attach(watcher)
-        return Begun(copy, inserted, conn, watcher)
+        return Begun(copy, inserted, conn, watcher, ticket)
 
     async def _run_spliced(self, begun: Begun, idle_timeout: float) -> RelayResult:
         try:
@@ -199,6 +224,8 @@ class Relay:
         watcher.discard(conn.up)
         watcher.discard(conn.down)
         copy.closed = True
+        if begun.ticket is not None:
+            begun.ticket.measure(copy.client, conn.down.finished)
         copy.client.close()
         copy.backend.close()
         # The counters live in the slots until they are reused: read them before giving them back.
@@ -223,10 +250,11 @@ class Relay:
 class Begun:
     """A pair in the kernel phase: what splice_end() needs to close it and report it."""
 
-    __slots__ = ("copy", "inserted", "conn", "watcher", "result")
+    __slots__ = ("copy", "inserted", "conn", "watcher", "ticket", "result")
 
-    def __init__(self, copy: CopyPhase, inserted, conn, watcher) -> None:  # noqa: ANN001
+    def __init__(self, copy: CopyPhase, inserted, conn, watcher, ticket=None) -> None:  # noqa: ANN001
         self.copy, self.inserted, self.conn, self.watcher = copy, inserted, conn, watcher
+        self.ticket = ticket  # the short-circuit's (relay.shortcut.Ticket), or None
         self.result: RelayResult | None = None
 
 
@@ -235,31 +263,48 @@ class Running:
     for the hand-off and the kernel phase. cancel() cuts it; on_done follows, exactly once (at once
     while copying)."""
 
-    __slots__ = ("relay", "loop", "copy", "on_done", "task", "begun", "reported")
+    __slots__ = ("relay", "loop", "copy", "on_done", "task", "begun", "reported", "ticket")
 
     def __init__(self, relay: Relay, loop: asyncio.AbstractEventLoop, client: socket.socket,
                  backend: socket.socket, idle_timeout: float,
-                 on_done: Callable[[RelayResult | BaseException], None]) -> None:
+                 on_done: Callable[[RelayResult | BaseException], None], ticket=None) -> None:  # noqa: ANN001
         self.relay = relay
         self.loop = loop
         handoff_at = None if relay.table is None else relay.splice_after
-        self.copy = CopyPhase(loop, client, backend, idle_timeout, handoff_at)
+        self.copy = copy = CopyPhase(loop, client, backend, idle_timeout, handoff_at)
         self.on_done = on_done
         self.task: asyncio.Task[None] | None = None
         self.begun: Begun | None = None
         self.reported = False
+        self.ticket = ticket
+        if ticket is not None:
+            # Bytes the kernel moves backend -> client count as activity for the idle timeout, and
+            # the client socket's counters are read just before the copy phase closes it (fin_sent:
+            # a FIN the copy engine deferred to close() is not in the send stream yet).
+            copy.activity = ticket.last_activity
+            copy.on_close = lambda: ticket.measure(client, copy.down.fin_sent)
 
     def _report(self, result: RelayResult | BaseException) -> None:
-        if not self.reported:
-            self.reported = True
-            self.on_done(result)
+        if self.reported:
+            return
+        self.reported = True
+        ticket, self.ticket = self.ticket, None
+        if ticket is not None:
+            # Both sockets are closed by now (a bug's exception too: the phases close them first).
+            finished = self.relay.shortcut.finish(ticket)  # type: ignore[attr-defined]
+            if isinstance(result, RelayResult):
+                result.shortcut = finished.captured
+                result.shortcut_bytes = finished.moved(ticket, result.bytes_down)
+                result.shortcut_fallback = finished.reason
+                result.bytes_down += result.shortcut_bytes
+        self.on_done(result)
 
     def copy_ended(self, how: str) -> None:
         if how == FINISHED:
             self._report(self.relay.copied(self.copy, None))
             return
         try:
-            now = self.relay.hand_off_now(self.copy)
+            now = self.relay.hand_off_now(self.copy, self.ticket)
         except Exception as exc:  # a bug: the connection reports it (access log internal_error)
             self.copy.close(abort=True)
             self._report(exc)
@@ -271,7 +316,7 @@ class Running:
 
     async def _after_handoff(self, now) -> None:  # noqa: ANN001
         try:
-            result: RelayResult | BaseException = await self.relay.after_handoff(self.loop, self.copy, now)
+            result: RelayResult | BaseException = await self.relay.after_handoff(self.loop, self.copy, now, self.ticket)
         except asyncio.CancelledError:
             result = self._shut_down()
         except Exception as exc:  # a bug: the connection reports it (access log internal_error)

@@ -95,7 +95,7 @@ class Flow:
     """Bytes from src to dst. `name` is the source side ("client" or "backend")."""
 
     __slots__ = ("name", "src", "dst", "src_fd", "dst_fd", "pending", "moved", "eof", "shut",
-                 "reading", "writing")
+                 "reading", "writing", "fin_sent")
 
     def __init__(self, name: str, src: socket.socket, dst: socket.socket) -> None:
         self.name = name
@@ -104,7 +104,8 @@ class Flow:
         self.pending: memoryview | None = None  # read from src, not yet written to dst
         self.moved = 0  # bytes read from src (and the ClientHello for the client's flow)
         self.eof = False  # src sent its FIN
-        self.shut = False  # dst was shut down for writing
+        self.shut = False  # dst was shut down for writing (or will be by close(): see _shut)
+        self.fin_sent = False  # dst's FIN is in its send stream already (shutdown() was called)
         self.reading = False
         self.writing = False
 
@@ -307,6 +308,7 @@ class CopyPhase:
             return
         with contextlib.suppress(OSError):
             flow.dst.shutdown(socket.SHUT_WR)
+            flow.fin_sent = True
 
     # -- hand-off ----------------------------------------------------------------------------------
     def _want_handoff(self) -> None:
