@@ -283,6 +283,7 @@ class Running:
             # a FIN the copy engine deferred to close() is not in the send stream yet).
             copy.activity = ticket.last_activity
             copy.on_close = lambda: ticket.measure(client, copy.down.fin_sent)
+            copy.shared_sender = client
 
     def _report(self, result: RelayResult | BaseException) -> None:
         if self.reported:

@@ -151,6 +151,9 @@ class CopyPhase:
         # Called once just before the sockets are closed (the short-circuit reads the client's
         # counters there).
         self.on_close: Callable[[], None] | None = None
+        # A socket that another sender also writes to (the client's, under the short-circuit's
+        # redirect): a reset of it may have been consumed by that sender, so its EOF is checked.
+        self.shared_sender: socket.socket | None = None
 
     # -- running -----------------------------------------------------------------------------------
     def start(self, on_end: Callable[[str], None], first: bytes = b"", sent: int = 0) -> None:
@@ -212,7 +215,7 @@ class CopyPhase:
         self.last_activity = time.monotonic()
         if not data:
             back = self.down if flow is self.up else self.up  # the flow writing into flow.src
-            if not back.shut and _was_reset(flow.src):
+            if flow.src is self.shared_sender and not back.shut and _was_reset(flow.src):
                 self._reset(flow.name)
                 return
             flow.eof = True
