@@ -250,6 +250,14 @@ def table(summary: dict[str, Any]) -> str:
                   ("machine CPU <= 0.6x copy (1 stream)", s[1]["cpu_x_copy"] <= 0.6),
                   ("machine CPU <= 0.6x copy (8 streams)", s[8]["cpu_x_copy"] <= 0.6)]
         lines.append("targets: " + "; ".join(f"{name}: {'met' if ok else 'MISSED'}" for name, ok in checks))
+        # The floor of machine CPU per GB is a direct connection's: the short-circuit's bytes take the
+        # same single loopback hop (plus the sk_msg redirect), so no proxy can go below it.
+        d = summary["modes"]["direct"]
+        for streams in (1, 8):
+            floor, used = d[streams]["cpu_x_copy"], s[streams]["cpu_x_copy"]
+            note = " (the 0.6x target is below it)" if floor > 0.6 else ""
+            lines.append(f"CPU ceiling, {streams} stream(s): direct {floor:.2f}x copy{note}; shortcut "
+                         f"{used:.2f}x copy = {used / floor:.2f}x direct")
     return "\n".join(lines)
 
 
