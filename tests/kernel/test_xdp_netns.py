@@ -38,6 +38,7 @@ from sniproxy.kernel.xdp import PinnedAllowList, XdpAllowList, parse_network
 from tests.support.backends import TlsBackend, client_context, server_context
 from tests.support.configs import common, listener, table, toml_str
 from tests.support.netns import netns, sh
+from tests.support.tun_peer import internet_checksum
 from tests.support.proxyproc import REPO, ProxyProcess
 
 PROXY_PORT = 8443
@@ -154,15 +155,6 @@ def tls_who(ns: str, host: str, port: int, ctx: ssl.SSLContext, timeout: float =
         return line
 
 
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    total = (total >> 16) + (total & 0xFFFF)
-    total += total >> 16
-    return ~total & 0xFFFF
-
-
 def ping(ns: str, dst: str, timeout: float = 2.0) -> bool:
     """One ICMP / ICMPv6 echo from inside ns over a raw socket; True when the reply came back."""
     v6 = ":" in dst
@@ -176,7 +168,7 @@ def ping(ns: str, dst: str, timeout: float = 2.0) -> bool:
         if v6:  # the kernel fills in the ICMPv6 checksum for raw sockets
             sock.sendto(struct.pack("!BBH", 128, 0, 0) + body, (dst, 0))
         else:
-            sock.sendto(struct.pack("!BBH", 8, 0, _checksum(b"\x08\x00\x00\x00" + body)) + body, (dst, 0))
+            sock.sendto(struct.pack("!BBH", 8, 0, internet_checksum(b"\x08\x00\x00\x00" + body)) + body, (dst, 0))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:

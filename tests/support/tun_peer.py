@@ -22,7 +22,8 @@ _IFF_NO_PI = 0x1000
 FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10
 
 
-def _checksum(data: bytes) -> int:
+def internet_checksum(data: bytes) -> int:
+    """RFC 1071: the ones' complement sum IPv4, TCP and ICMP use."""
     if len(data) % 2:
         data += b"\0"
     total = sum(struct.unpack(f"!{len(data) // 2}H", data))
@@ -57,10 +58,10 @@ class TunPeer:
         tcp = struct.pack("!HHIIBBHHH", self.peer_port, self.port, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF,
                           5 << 4, flags, 65535, 0, 0) + payload
         pseudo = _ip(PEER_IP) + _ip(LOCAL_IP) + struct.pack("!BBH", 0, 6, len(tcp))
-        tcp = tcp[:16] + struct.pack("!H", _checksum(pseudo + tcp)) + tcp[18:]
+        tcp = tcp[:16] + struct.pack("!H", internet_checksum(pseudo + tcp)) + tcp[18:]
         ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0x4000, 64, 6, 0,
                          _ip(PEER_IP), _ip(LOCAL_IP))
-        ip = ip[:10] + struct.pack("!H", _checksum(ip)) + ip[12:]
+        ip = ip[:10] + struct.pack("!H", internet_checksum(ip)) + ip[12:]
         return ip + tcp
 
     def _read_segment(self, timeout: float) -> tuple[int, int, int] | None:
