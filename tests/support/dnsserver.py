@@ -82,7 +82,10 @@ class DnsServer:
                 return
             reply = self.answer(data)
             if reply is not None:
-                self._udp.sendto(reply, peer)
+                try:
+                    self._udp.sendto(reply, peer)
+                except OSError:  # closed by close() while answering: the server is stopping
+                    return
 
     def _serve_tcp(self) -> None:
         while not self._stopping:
