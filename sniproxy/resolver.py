@@ -149,14 +149,10 @@ class Resolver:
         return None
 
     async def resolve(self, host: str) -> list[str]:
-        literal = _ip_literal(host)
-        if literal is not None:
-            return [literal]
+        now = self.resolve_now(host)
+        if now is not None:
+            return now
         name = host.lower().rstrip(".")
-        cached = self._cache.get(name)
-        if cached is not None and cached.answers(self._config.mode):
-            metrics.dns_lookup(True)
-            return self._addresses(name, cached, cached=True)
         metrics.dns_lookup(False)
         # Single-flight: concurrent lookups of one name share one query, owned by the resolver so a
         # cancelled caller does not cancel it for the others.
