@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -57,6 +59,30 @@ def _endpoints():  # noqa: ANN202
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@contextlib.contextmanager
+def _sink_and_source(size: int, conns: int = 1, *, sha256: bool = False,
+                     source_args: tuple[str, ...] = ()) -> Iterator[tuple[socket.socket, int, subprocess.Popen[str]]]:
+    """endpoints.py's sink, and a source that opens `conns` connections of `size` bytes each to a
+    listener of ours: yields (that listener, the sink's port, the sink, whose stdout reports what it
+    received). Both processes are killed and the listener closed afterwards, whatever happened."""
+    sink = subprocess.Popen([sys.executable, str(ENDPOINTS), "sink", "--conns", str(conns),
+                             *(["--sha256"] if sha256 else [])], stdout=subprocess.PIPE, text=True)
+    source = None
+    cl = listener()
+    try:
+        port = json.loads(sink.stdout.readline())["port"]
+        source = subprocess.Popen([sys.executable, str(ENDPOINTS), "source", "--port", str(cl.getsockname()[1]),
+                                   "--conns", str(conns), "--bytes", str(size), *source_args],
+                                  stdout=subprocess.PIPE, text=True)
+        yield cl, port, sink
+    finally:
+        cl.close()
+        for proc in (sink, source):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
 
 
 def _proxy_cpu_seconds() -> float:
@@ -161,13 +187,7 @@ async def test_the_kernel_carries_most_of_one_never_pausing_stream(relay, datapl
     machine, 12-25% under other sessions' load)."""
     size = 1_000_000_000
     loop = asyncio.get_running_loop()
-    sink = subprocess.Popen([sys.executable, str(ENDPOINTS), "sink"], stdout=subprocess.PIPE, text=True)
-    source = None
-    try:
-        port = json.loads(sink.stdout.readline())["port"]
-        cl = listener()
-        source = subprocess.Popen([sys.executable, str(ENDPOINTS), "source", "--port", str(cl.getsockname()[1]),
-                                   "--bytes", str(size)], stdout=subprocess.PIPE, text=True)
+    with _sink_and_source(size) as (cl, port, sink):
         proxy_client, first, proxy_backend = await _accept_hello_connect(cl, port)
         cpu0, t0 = _proxy_cpu_seconds(), time.monotonic()
         result = await asyncio.wait_for(relay.relay(proxy_client, proxy_backend, first, 30), 60)
@@ -178,12 +198,6 @@ async def test_the_kernel_carries_most_of_one_never_pausing_stream(relay, datapl
         print(f"1 GB spliced in {wall:.2f} s: proxy CPU {cpu:.3f} s = {100 * cpu / wall:.1f}% of wall, "
               f"{100 * result.kernel_up / size:.0f}% in the kernel")
         assert result.kernel_up > size // 2, f"the kernel moved {result.kernel_up} of {size} bytes"
-        cl.close()
-    finally:
-        for proc in (sink, source):
-            if proc is not None:
-                proc.kill()
-                proc.wait()
 
 
 @pytest.mark.slow
@@ -205,14 +219,7 @@ async def test_eight_fast_streams_all_splice_and_finish(relay, dataplane: DataPl
     endpoints = _endpoints()
     streams, size = 8, 40_000_000
     loop = asyncio.get_running_loop()
-    sink = subprocess.Popen([sys.executable, str(ENDPOINTS), "sink", "--conns", str(streams), "--sha256"],
-                            stdout=subprocess.PIPE, text=True)
-    source = None
-    cl = listener()
-    try:
-        port = json.loads(sink.stdout.readline())["port"]
-        source = subprocess.Popen([sys.executable, str(ENDPOINTS), "source", "--port", str(cl.getsockname()[1]),
-                                   "--conns", str(streams), "--bytes", str(size)], stdout=subprocess.PIPE, text=True)
+    with _sink_and_source(size, streams, sha256=True) as (cl, port, sink):
 
         async def one() -> object:
             proxy_client, first, proxy_backend = await _accept_hello_connect(cl, port)
@@ -226,12 +233,6 @@ async def test_eight_fast_streams_all_splice_and_finish(relay, dataplane: DataPl
         assert done["sha256"] == [expected] * streams
         assert [(r.mode, r.fallback_reason, r.outcome) for r in results] == [("splice", None, Outcome.CLOSED)] * streams
         assert [r.bytes_up for r in results] == [6 + size] * streams
-    finally:
-        cl.close()
-        for proc in (sink, source):
-            if proc is not None:
-                proc.kill()
-                proc.wait()
 
 
 async def test_holds_toward_a_fast_reader_end_and_keep_every_byte(relay, dataplane: DataPlane) -> None:
@@ -244,15 +245,7 @@ async def test_holds_toward_a_fast_reader_end_and_keep_every_byte(relay, datapla
     dataplane.set_queue_limit(1 << 20)
     size = 300_000_000
     loop = asyncio.get_running_loop()
-    sink = subprocess.Popen([sys.executable, str(ENDPOINTS), "sink", "--conns", "1", "--sha256"],
-                            stdout=subprocess.PIPE, text=True)
-    source = None
-    cl = listener()
-    try:
-        port = json.loads(sink.stdout.readline())["port"]
-        source = subprocess.Popen([sys.executable, str(ENDPOINTS), "source", "--port", str(cl.getsockname()[1]),
-                                   "--conns", "1", "--bytes", str(size), "--burst", "20000000", "--pause", "0.05"],
-                                  stdout=subprocess.PIPE, text=True)
+    with _sink_and_source(size, sha256=True, source_args=("--burst", "20000000", "--pause", "0.05")) as (cl, port, sink):
         proxy_client, first, proxy_backend = await _accept_hello_connect(cl, port)
         before = dataplane.traffic()
         result = await asyncio.wait_for(relay.relay(proxy_client, proxy_backend, first, 30), 120)
@@ -264,9 +257,3 @@ async def test_holds_toward_a_fast_reader_end_and_keep_every_byte(relay, datapla
         holds = after.held_pkts - before.held_pkts
         assert holds >= 3, f"{holds} holds: the earlier ones never ended, or the limit never bit"
         assert 0 < result.kernel_up < size, result
-    finally:
-        cl.close()
-        for proc in (sink, source):
-            if proc is not None:
-                proc.kill()
-                proc.wait()
