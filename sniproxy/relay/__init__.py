@@ -109,14 +109,20 @@ class Relay:
         return RelayResult(mode="copy", bytes_up=copy.up.moved, bytes_down=copy.down.moved,
                            outcome=copy.outcome or Outcome.CLOSED, fallback_reason=fallback)
 
+    def _ensure_buffer(self) -> None:
+        """The kernel phase's buffer, for what it forwards itself: made at the first hand-off."""
+        if self._buffer is None:
+            from .handoff import kernel_buffer_size
+
+            self._buffer = bytearray(kernel_buffer_size(self.rcvbuf))
+
     def hand_off_now(self, copy: CopyPhase, ticket=None):  # noqa: ANN001, ANN201
         """The hand-off without waiting, when nothing waits in either receive queue (the usual case
         right after the first bytes): the kernel takes the pair in the callback that wrote them,
         before the backend can answer. None: something (or a FIN) waits; the task flushes it."""
-        from .handoff import READ_BUFFER, Refused, insert
+        from .handoff import Refused, insert
 
-        if self._buffer is None:
-            self._buffer = bytearray(READ_BUFFER)  # the kernel phase's, for what it forwards itself
+        self._ensure_buffer()
         copy.detach()
         for sock in (copy.client, copy.backend):
             # Asked without touching the receive queue (no MSG_PEEK: a peek is the suspect of an
@@ -161,10 +167,7 @@ class Relay:
     async def _hand_off(self, loop: asyncio.AbstractEventLoop, copy: CopyPhase):  # noqa: ANN202
         from .handoff import Refused, flush_waiting, insert
 
-        if self._buffer is None:
-            from .handoff import READ_BUFFER
-
-            self._buffer = bytearray(READ_BUFFER)
+        self._ensure_buffer()
         copy.detach()
         try:
             await flush_waiting(loop, (copy.up, copy.down), self._buffer)

@@ -19,22 +19,28 @@ from .spliced import TCP_INQ, written_total_exact
 
 _SO_SNDBUFFORCE = 32
 _SO_RCVBUFFORCE = 33
-# Bytes left in a receive queue before insertion must be read whole, and a hold's bytes are peeked in
-# one call where they fit (relay.spliced): this bounds what one recv may need (a short read means the
-# queue was empty at that instant).
-# (8 MiB raised the slow-reader test's peak from 53 to 66 MiB: each read opens the window that much.)
-READ_BUFFER = 4 << 20
 # Send buffer of a handed-off socket (the setsockopt value; the kernel doubles it, so 16 MiB in effect):
 # the psock backlog retries a full send buffer only after one jiffy (4 ms at HZ=250), so one stream
 # moves at most about a buffer per 4 ms (measured: 1 MiB 0.18-0.37x copy, 16 MiB 1.0-1.26x); 16 MiB
 # per 4 ms is 4 GB/s, above one loopback stream here. Not more: the queue limit (24 MiB) counts the
 # send queue too, and a bigger buffer would make the verdict hold whenever the reader lags a little.
 DEFAULT_SNDBUF = 8 << 20
-# Receive buffer of a handed-off socket: None keeps autotuning. A smaller one would bound what a hold
-# copies (the window closes when held bytes fill it: at 4 MiB the kernel moved 85-93% of a bulk
-# stream), but a closed window stalls a stream for ~200 ms (relay.spliced._catch_up), so it stays
-# unset by default and the Relay's rcvbuf argument exists for measurement (bench/splice_throughput.py).
-HANDOFF_RCVBUF: int | None = None
+# Receive buffer of a handed-off socket (the setsockopt value, 4 MiB in effect): it bounds what one hold
+# copies. The window closes once held bytes fill it, and relay.spliced._settle waits for that before the
+# hold's one peek, so a hold copies about this much and the queue limit's worth goes through the kernel
+# between two holds. Measured 2026-12-03 (bench/splice_throughput.py, bench/run_all.py bulk), share of
+# a bulk upload the kernel moved: autotuning (up to net.ipv4.tcp_rmem[2], 32 MiB here) 57-75%, since a
+# hold outgrew one peek and a fast sender kept it going; setsockopt 4 MiB: 80-85% toward 8 streams; 1 MiB 97%,
+# but one stream then ran at 0.56x copy (its sender's window is this small); 2 MiB 84-99%, one stream
+# 1.07x copy. None would keep autotuning.
+HANDOFF_RCVBUF: int | None = 2 << 20
+
+
+def kernel_buffer_size(rcvbuf: int | None) -> int:
+    """The kernel phase's buffer (one per relay): bytes left in a receive queue before insertion are read
+    whole, and a hold's bytes are peeked in one call, so it holds a full receive buffer (twice the
+    setsockopt value) with room to spare. 4 MiB under autotuning (a hold then also reads outright)."""
+    return 2 * rcvbuf + (1 << 20) if rcvbuf else 4 << 20
 
 
 @dataclasses.dataclass

@@ -174,18 +174,18 @@ async def test_slow_reader_keeps_tcp_memory_bounded(relay, dataplane: DataPlane)
     result = await asyncio.wait_for(task, 10)
     assert received == [(len(first) + size, hashlib.sha256(first + data).hexdigest())]
     assert result.outcome is Outcome.CLOSED and result.bytes_up == len(first) + size
+    print(f"slow reader: peak {peak[0] >> 20} MiB above baseline")
     assert peak[0] < 64 << 20, f"TCP memory + splice queue grew {peak[0] >> 20} MiB above baseline"
     for s in (client, backend, cl, bl):
         s.close()
 
 
 async def test_the_kernel_carries_most_of_one_never_pausing_stream(relay, dataplane: DataPlane) -> None:
-    """1 GB through one spliced connection from a sender that never pauses (endpoints in another
-    process): the kernel moves most of it, holds included (88-93% in bench/splice_throughput.py;
-    half is asserted here, since a loaded machine lengthens holds). The proxy's CPU share of the wall
-    time is printed, not asserted: how fast is the benchmark's business (3.7% of wall on a quiet
-    machine, 12-25% under other sessions' load)."""
-    size = 1_000_000_000
+    """2 GB through one spliced connection from a sender that never pauses (endpoints in another
+    process): the kernel moves at least 90% of it, holds included (each hold ends with one copy of
+    about a receive buffer: relay.spliced._settle). The proxy's CPU share of the wall time is
+    printed, not asserted: how fast is the benchmark's business."""
+    size = 2_000_000_000
     loop = asyncio.get_running_loop()
     with _sink_and_source(size) as (cl, port, sink):
         proxy_client, first, proxy_backend = await _accept_hello_connect(cl, port)
@@ -195,9 +195,9 @@ async def test_the_kernel_carries_most_of_one_never_pausing_stream(relay, datapl
         done = json.loads(await loop.run_in_executor(None, sink.stdout.readline))
         assert done["bytes"] == len(first) + size
         assert result.bytes_up == len(first) + size and result.outcome is Outcome.CLOSED
-        print(f"1 GB spliced in {wall:.2f} s: proxy CPU {cpu:.3f} s = {100 * cpu / wall:.1f}% of wall, "
+        print(f"2 GB spliced in {wall:.2f} s: proxy CPU {cpu:.3f} s = {100 * cpu / wall:.1f}% of wall, "
               f"{100 * result.kernel_up / size:.0f}% in the kernel")
-        assert result.kernel_up > size // 2, f"the kernel moved {result.kernel_up} of {size} bytes"
+        assert result.kernel_up >= size * 9 // 10, f"the kernel moved {result.kernel_up} of {size} bytes"
 
 
 @pytest.mark.slow
