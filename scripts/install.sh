@@ -96,10 +96,12 @@ fi
 SYSCTLDIR=${SYSCTLDIR:-/etc/sysctl.d}
 install -d -m 0755 "$SYSCTLDIR"
 install -m 0644 "$top/systemd/sniproxy-sysctl.conf" "$SYSCTLDIR/30-sniproxy.conf"
-want=$(sed -n 's/^net.core.wmem_max = //p' "$top/systemd/sniproxy-sysctl.conf")
-if [ "$(cat /proc/sys/net/core/wmem_max)" -lt "$want" ]; then
-  sysctl -q -w net.core.wmem_max="$want" && log "raised net.core.wmem_max to $want"
-fi
+for key in net.core.wmem_max net.core.rmem_max; do
+  want=$(sed -n "s/^$key = //p" "$top/systemd/sniproxy-sysctl.conf")
+  if [ "$(sysctl -n "$key")" -lt "$want" ]; then
+    sysctl -q -w "$key=$want" && log "raised $key to $want"
+  fi
+done
 log "installed $SYSCTLDIR/30-sniproxy.conf"
 
 install -d -m 0755 "$UNITDIR"

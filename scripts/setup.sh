@@ -166,17 +166,19 @@ docs_venv() {
 
 # What `make install` and the package set at boot (systemd/sniproxy-sysctl.conf), here for this boot
 # only: `make run` and `make bench` run unprivileged workers like an installed proxy. Raised only.
-raise_wmem_max() {
-  local want
+raise_buffer_caps() {
+  local key want
   [ "$(id -u)" = 0 ] || return 0
-  want=$(sed -n 's/^net.core.wmem_max = //p' "$top/systemd/sniproxy-sysctl.conf")
-  if [ "$(cat /proc/sys/net/core/wmem_max)" -lt "$want" ]; then
-    sysctl -q -w net.core.wmem_max="$want" && log "raised net.core.wmem_max to $want (this boot)"
-  fi
+  for key in net.core.wmem_max net.core.rmem_max; do
+    want=$(sed -n "s/^$key = //p" "$top/systemd/sniproxy-sysctl.conf")
+    if [ "$(sysctl -n "$key")" -lt "$want" ]; then
+      sysctl -q -w "$key=$want" && log "raised $key to $want (this boot)"
+    fi
+  done
 }
 
 install_packages
-raise_wmem_max
+raise_buffer_caps
 disable_packaged_prometheus
 link_kernel_headers
 ensure_system_user

@@ -109,8 +109,9 @@ async def test_install_serve_reload_stop_purge(box: Container, deb: Path, ca) ->
     res = c.run("systemd-analyze", "verify", "/lib/systemd/system/sniproxy.service")
     assert (res.returncode, res.stderr) == (0, "")
     assert c.run("sniproxy", "--version").stdout.strip() == f"sniproxy {VERSION}"
-    # The send-buffer cap for the unprivileged workers, applied at boot by systemd-sysctl.
-    assert "net.core.wmem_max = 8388608" in c.run("cat", "/usr/lib/sysctl.d/30-sniproxy.conf").stdout
+    # The buffer caps for the unprivileged workers, applied at boot by systemd-sysctl.
+    installed_sysctl = c.run("cat", "/usr/lib/sysctl.d/30-sniproxy.conf").stdout
+    assert "net.core.wmem_max = 8388608" in installed_sysctl and "net.core.rmem_max = 2097152" in installed_sysctl
     c.run("sniproxy", "check", "-c", "/etc/sniproxy/config.toml")  # the shipped config is valid
     vendored = c.run("cat", f"/usr/share/doc/{PACKAGE}/vendored.txt").stdout
     assert {"uvloop", "aiodns", "pycares", "structlog", "cachetools", "h11", "prometheus_client"} <= {

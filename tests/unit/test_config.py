@@ -72,8 +72,8 @@ def test_shipped_config_parses():
     assert table.routes[2].backend == "$1.internal.test:443"
     assert table.fallback == Address("127.0.0.1", 10443)
     assert config.resolver.nameservers == ()  # system resolver: works without a local DNS server
-    # The kernel path ships off until `make bench` shows it faster than copying (config.toml says why).
-    assert config.ebpf.splice is False and config.ebpf.splice_after == 1 << 20
+    # The kernel path ships on (config.toml says what `make bench` measured).
+    assert config.ebpf.splice is True and config.ebpf.splice_after == 1 << 20
 
 
 def test_shipped_config_compiles_into_route_tables():

@@ -45,3 +45,17 @@ def test_a_cap_below_autotuning_leaves_the_buffer_alone(wmem_max):
 def test_receive_buffer_follows_the_same_rule():
     assert BufferSizes.plan(None, 2 * MiB, privileged=False, sysctl=sysctls(0, rmem_max=4 * MiB)).rcvbuf == 2 * MiB
     assert BufferSizes.plan(None, 2 * MiB, privileged=False, sysctl=sysctls(0)).rcvbuf is None
+
+
+def test_the_shipped_sysctl_file_lets_unprivileged_workers_have_the_default_buffers():
+    # systemd/sniproxy-sysctl.conf raises net.core.{w,r}mem_max so that workers without
+    # CAP_NET_ADMIN get DEFAULT_SNDBUF and HANDOFF_RCVBUF as they are: kept in step here.
+    from pathlib import Path
+
+    from sniproxy.relay.handoff import DEFAULT_SNDBUF, HANDOFF_RCVBUF
+
+    conf = Path(__file__).resolve().parents[2] / "systemd" / "sniproxy-sysctl.conf"
+    caps = dict(line.split(" = ") for line in conf.read_text().splitlines() if line and not line.startswith("#"))
+    sizes = BufferSizes.plan(DEFAULT_SNDBUF, HANDOFF_RCVBUF, privileged=False, sysctl=sysctls(
+        int(caps["net.core.wmem_max"]), rmem_max=int(caps["net.core.rmem_max"]), tcp_rmem_max=32 * MiB))
+    assert (sizes.sndbuf, sizes.rcvbuf, sizes.note) == (DEFAULT_SNDBUF, HANDOFF_RCVBUF, "as configured")
