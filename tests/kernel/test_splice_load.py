@@ -21,7 +21,7 @@ import pytest
 from sniproxy.kernel.loader import DataPlane
 from sniproxy.kernel.splice import socket_cookie
 from sniproxy.relay.spliced import written_total
-from sniproxy.relay import Outcome
+from sniproxy.relay import Outcome, Relay
 
 from .harness import listener, payload
 
@@ -257,3 +257,39 @@ async def test_holds_toward_a_fast_reader_end_and_keep_every_byte(relay, datapla
         holds = after.held_pkts - before.held_pkts
         assert holds >= 3, f"{holds} holds: the earlier ones never ended, or the limit never bit"
         assert 0 < result.kernel_up < size, result
+
+
+@pytest.mark.parametrize("rcvbuf", [None, 0], ids=["shipped-rcvbuf", "autotuned-rcvbuf"])
+async def test_back_to_back_holds_keep_byte_order(dataplane: DataPlane, rcvbuf: int | None) -> None:
+    """Regression: 8 senders that never pause, a 1 MiB queue limit and a 64 KiB send buffer, so a
+    hold often begins right after the release that ended the last one, while bytes the verdict
+    redirected in between still wait in the psock queue (it retries a full send buffer a jiffy
+    later). The proxy must let those reach the backend before it writes what the new hold left to it
+    (a 1-of-8 byte-order fault in a `run_all.py` bulk run; without the wait this test fails its
+    SHA-256 check 3 times in 3). With an autotuned receive buffer (an unprivileged worker without the
+    raised net.core.rmem_max) a new hold can outgrow one peek and is read outright at once."""
+    relay = Relay(dataplane.splice_table, splice_after=0, rcvbuf=rcvbuf, sndbuf=64 << 10)
+    endpoints = _endpoints()
+    dataplane.set_queue_limit(1 << 20)
+    try:
+        streams, size = 8, 100_000_000
+        loop = asyncio.get_running_loop()
+        with _sink_and_source(size, streams, sha256=True) as (cl, port, sink):
+
+            async def one() -> object:
+                proxy_client, first, proxy_backend = await _accept_hello_connect(cl, port)
+                return asyncio.create_task(relay.relay(proxy_client, proxy_backend, first, 30))
+
+            before = dataplane.traffic()
+            tasks = [await one() for _ in range(streams)]
+            results = await asyncio.wait_for(asyncio.gather(*tasks), 120)
+            after = dataplane.traffic()
+            done = json.loads(await asyncio.wait_for(loop.run_in_executor(None, sink.stdout.readline), 30))
+            expected = hashlib.sha256(b"HELLO\n" + endpoints.stream_bytes(size)).hexdigest()
+            assert done["sha256"] == [expected] * streams
+            assert [(r.mode, r.outcome, r.bytes_up) for r in results] == \
+                [("splice", Outcome.CLOSED, 6 + size)] * streams
+            assert after.held_pkts - before.held_pkts >= streams, "the limit never made the verdict hold"
+    finally:
+        dataplane.set_queue_limit(0)
+    assert dataplane.splice_table.entries() == {"sock_map": 0, "splice_slots": 0}
