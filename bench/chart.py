@@ -20,7 +20,8 @@ PANELS = [
     ("idle_rss_kib_per_conn", "proxy RSS per idle connection (KiB, lower is better)"),
 ]
 OURS_COLOR, PEER_COLOR, DIRECT_COLOR = "#1f6fb4", "#9a9a9a", "#2f2f2f"
-SHORT = {"ours-splice": "ours\nsplice", "ours-copy": "ours\ncopy", "sniproxy-c": "Debian\nsniproxy",
+SHORT = {"ours-splice": "ours\nsplice", "ours-copy": "ours\ncopy", "ours-unbounded": "ours splice\nunbounded",
+         "sniproxy-c": "Debian\nsniproxy",
          "nginx": "nginx", "nginx-256k": "nginx\n256K buf", "haproxy": "HAProxy", "haproxy-256k": "HAProxy\n256K buf"}
 
 

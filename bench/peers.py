@@ -49,6 +49,7 @@ class Target:
     key = "?"
     label = "?"
     peer = False          # counts towards "best peer"
+    workloads: tuple[str, ...] | None = None  # the only workloads run against it; None: every one
     proxy = True          # False only for direct
     relay_mode = "-"
     version = ""
@@ -145,23 +146,29 @@ class ProcessTarget(Target):
 
 
 class Ours(ProcessTarget):
-    """`python -m sniproxy run` from this repo, splice or copy, no access log."""
+    """`python -m sniproxy run` from this repo, splice or copy, no access log. With `queue_limit`
+    (splice only): the ceiling of the kernel path, a queue limit no stream reaches, so the verdict never
+    holds and userspace never copies a byte after the hand-off; kernel memory is then unbounded, so it
+    is measured on bulk transfers only and never shipped."""
 
     peer = False
 
-    def __init__(self, splice: bool, workers_toml: str | None = None) -> None:
+    def __init__(self, splice: bool, workers_toml: str | None = None, queue_limit: int | None = None) -> None:
         super().__init__()
         self.splice = splice
+        self.queue_limit = queue_limit
         self.key = "ours-splice" if splice else "ours-copy"
         self.label = "sniproxy (ours) splice" if splice else "sniproxy (ours) copy"
+        if queue_limit is not None:
+            self.key, self.label, self.workloads = "ours-unbounded", "ours splice, unbounded queue (ceiling)", ("bulk",)
         self.workers_toml = workers_toml
-        self.pin_dir = f"/sys/fs/bpf/sniproxy-bench-{os.getpid()}-{'splice' if splice else 'copy'}"
+        self.pin_dir = f"/sys/fs/bpf/sniproxy-bench-{os.getpid()}-{self.key}"
         self.version = _git_version()
 
     def prepare(self, backends: dict[str, int], max_conns: int) -> list[str]:
         self.config_path = self.dir / "config.toml"
         self.config_path.write_text(ours_config(self.listen_port, backends, max_conns, self.splice,
-                                                self.pin_dir, self.workers_toml))
+                                                self.pin_dir, self.workers_toml, self.queue_limit))
         return [sys.executable, "-m", "sniproxy", "run", "-c", str(self.config_path)]
 
     def env(self) -> dict[str, str]:
@@ -220,7 +227,7 @@ def _git_version() -> str:
 
 
 def ours_config(port: int, backends: dict[str, int], max_conns: int, splice: bool, pin_dir: str,
-                workers_toml: str | None) -> str:
+                workers_toml: str | None, queue_limit: int | None = None) -> str:
     routes = "".join(f'  {{ match = "{sni(s)}", backend = "127.0.0.1:{backends[s]}" }},\n' for s in SERVICES)
     return (
         (workers_toml or "")
@@ -230,6 +237,7 @@ def ours_config(port: int, backends: dict[str, int], max_conns: int, splice: boo
         + f"max_connections = {max_conns + 100}\nshutdown_grace = 1.0\n\n"
         + '[log]\nformat = "json"\nlevel = "info"\naccess_log = false\n\n'
         + f'[ebpf]\nsplice = {"true" if splice else "false"}\npin_dir = "{pin_dir}"\n'
+        + (f"queue_limit = {queue_limit}\n" if queue_limit is not None else "")
     )
 
 
@@ -358,5 +366,8 @@ class Haproxy(ProcessTarget):
 
 
 def all_targets(workers_toml: str | None) -> list[Target]:
-    return [Direct(), Ours(True, workers_toml), Ours(False, workers_toml), DebianSniproxy(), Nginx(16), Nginx(256),
-            Haproxy(None), Haproxy(256)]
+    return [Direct(), Ours(True, workers_toml), Ours(False, workers_toml), Ours(True, workers_toml, UNBOUNDED),
+            DebianSniproxy(), Nginx(16), Nginx(256), Haproxy(None), Haproxy(256)]
+
+
+UNBOUNDED = 1 << 40  # [ebpf] queue_limit's maximum: 1 TiB, which no benchmark stream reaches

@@ -93,7 +93,7 @@ def run_target(bench: workloads.Bench, target: peers.Target, workdir: Path, back
         return rep
     rep["relay_mode"] = target.relay_mode
     try:
-        only = settings.get("workloads") or WORKLOADS
+        only = [w for w in settings.get("workloads") or WORKLOADS if target.workloads is None or w in target.workloads]
         if "idle" in only:
             attempt(rep, "idle", workloads.idle, bench, target, settings["idle_conns"])
         if "checks" in only:
@@ -260,10 +260,14 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(report.text_table(table))
         print(_legend(results))
+        targets_text = "\n".join(report.kernel_path_targets(summary))
+        if targets_text:
+            print("\n" + targets_text)
         RESULTS.mkdir(parents=True, exist_ok=True)
         stem = RESULTS / now.strftime("%Y%m%d-%H%M%S")
         stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
-        stem.with_suffix(".md").write_text(report.markdown_table(table) + "\n\n" + _legend(results) + "\n")
+        stem.with_suffix(".md").write_text(report.markdown_table(table) + "\n\n" + _legend(results) + "\n"
+                                           + (f"\n```\n{targets_text}\n```\n" if targets_text else ""))
         print(f"raw results: {stem.with_suffix('.json').relative_to(REPO)} (+ .md)")
         if not args.no_chart:
             out = args.chart or REPO / "docs" / f"bench-{results['date']}.png"

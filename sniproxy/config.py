@@ -178,6 +178,10 @@ class EbpfConfig:
     # Bytes a connection moves (either way) in userspace before it is handed to the kernel; 0: at
     # once. Below about 1 MB the hand-off costs more CPU than copying saves (docs/benchmarks.md).
     splice_after: int = 1 << 20
+    # Bytes put toward one socket and not yet acknowledged by its remote end above which the splice
+    # verdict leaves bytes to userspace (a "hold"): the kernel memory a pair may use. ebpf/sniproxy.h's
+    # SNIPROXY_DEFAULT_QUEUE_LIMIT, kept in step by a test.
+    queue_limit: int = 24 << 20
     # A cgroup v2 directory whose processes' accepted sockets may be short-circuited (the local
     # backend's replies sent straight to the client socket); None: the short-circuit is off.
     shortcut_cgroup: str | None = None
@@ -702,7 +706,7 @@ _LOG_KEYS = ("format", "level", "access_log")
 _SERVER_KEYS = ("workers", "user")
 # One splice_events ring per worker in ebpf/splice.c (SNIPROXY_MAX_WORKERS): kept in step by a test.
 MAX_WORKERS = 16
-_EBPF_KEYS = ("splice", "pin_dir", "splice_after", "shortcut_cgroup")
+_EBPF_KEYS = ("splice", "pin_dir", "splice_after", "queue_limit", "shortcut_cgroup")
 _XDP_KEYS = ("enabled", "interfaces", "mode", "allow")
 _METRICS_KEYS = ("bind",)
 XDP_MODES = ("auto", "native", "generic")
@@ -995,6 +999,7 @@ def _ebpf(data: object) -> EbpfConfig:
         raise ConfigError("ebpf.shortcut_cgroup", f"must be an absolute path, got {shortcut_cgroup!r}")
     return EbpfConfig(splice=s.boolean("splice", True), pin_dir=pin_dir,
                       splice_after=s.integer("splice_after", 1 << 20, minimum=0, maximum=1 << 40),
+                      queue_limit=s.integer("queue_limit", 24 << 20, minimum=64 << 10, maximum=1 << 40),
                       shortcut_cgroup=shortcut_cgroup)
 
 

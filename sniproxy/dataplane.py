@@ -85,13 +85,14 @@ def _open_relay(config: EbpfConfig) -> Iterator[Relay]:
         yield copy
         return
     try:
-        plane = DataPlane.load(config.pin_dir)
+        plane = DataPlane.load(config.pin_dir, queue_limit=config.queue_limit)
     except Exception as exc:  # KernelError and anything BCC raises: fall back, say why
         log.warning("relay_mode", mode="copy", reason=f"eBPF splice failed to load: {exc}")
         yield copy
         return
     try:
-        log.info("relay_mode", mode="splice", pin_dir=config.pin_dir, splice_after=config.splice_after)
+        log.info("relay_mode", mode="splice", pin_dir=config.pin_dir, splice_after=config.splice_after,
+                 queue_limit=config.queue_limit)
         yield Relay(plane.splice_table, splice_after=config.splice_after)
     finally:
         plane.close()

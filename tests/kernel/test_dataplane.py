@@ -222,3 +222,28 @@ def test_worker_limit_matches_the_rings_compiled(dataplane: DataPlane) -> None:
     assert len(re.findall(r"BPF_RINGBUF_OUTPUT\(splice_events\d+,", source)) == MAX_WORKERS
     assert len(re.findall(r"case \d+: return splice_events\d+\.ringbuf_output", source)) == MAX_WORKERS
     assert all(dataplane.fds[name] >= 0 for name in EVENT_RINGS)
+
+
+def test_configured_queue_limit_reaches_the_verdict(pin_dir: str) -> None:
+    """[ebpf] queue_limit is what the verdict reads (the pinned splice_cfg map, as bpftool shows it),
+    and the default is the header's SNIPROXY_DEFAULT_QUEUE_LIMIT, so an absent key changes nothing."""
+    import re
+
+    import structlog
+
+    from sniproxy.config import EbpfConfig
+    from sniproxy.dataplane import open_relay
+    from sniproxy.kernel.loader import EBPF_DIR
+
+    header = (EBPF_DIR / "sniproxy.h").read_text()
+    (shift,) = re.findall(r"#define SNIPROXY_DEFAULT_QUEUE_LIMIT \(24ULL << (\d+)\)", header)
+    assert EbpfConfig().queue_limit == 24 << int(shift) == maps.SNIPROXY_DEFAULT_QUEUE_LIMIT
+    config = EbpfConfig(pin_dir=f"{pin_dir}-ql", queue_limit=3 << 20)
+    with structlog.testing.capture_logs() as logs, open_relay(config) as relay:
+        assert relay.mode == "splice"
+        dumped = json.loads(subprocess.run(["bpftool", "-j", "map", "dump", "pinned",
+                                            os.path.join(config.pin_dir, "splice_cfg")],
+                                           capture_output=True, text=True, check=True).stdout)
+        value = bytes(int(b, 16) for b in dumped[0]["value"])
+        assert int.from_bytes(value[:8], "little") == 3 << 20
+    assert [e["queue_limit"] for e in logs if e["event"] == "relay_mode"] == [3 << 20]

@@ -362,6 +362,8 @@ ERROR_CASES = [
     pytest.param([MINIMAL, "[ebpf]\npin_dir = 'sys/fs/bpf'"], "ebpf.pin_dir", "absolute", id="pin-dir-relative"),
     pytest.param([MINIMAL, "[ebpf]\nsplice_after = -1"], "ebpf.splice_after", "between 0 and", id="splice-after-negative"),
     pytest.param([MINIMAL, "[ebpf]\nsplice_after = '1M'"], "ebpf.splice_after", "integer", id="splice-after-string"),
+    pytest.param([MINIMAL, "[ebpf]\nqueue_limit = 1000"], "ebpf.queue_limit", "between 65536 and", id="queue-limit-tiny"),
+    pytest.param([MINIMAL, "[ebpf]\nqueue_limit = '24M'"], "ebpf.queue_limit", "integer", id="queue-limit-string"),
     pytest.param([MINIMAL, "[ebpf]\nshortcut_cgroup = 'system.slice'"], "ebpf.shortcut_cgroup", "absolute",
                  id="shortcut-cgroup-relative"),
     pytest.param([MINIMAL, "[ebpf]\nshortcut_cgroup = 1"], "ebpf.shortcut_cgroup", "string",
