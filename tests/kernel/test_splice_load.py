@@ -293,3 +293,74 @@ async def test_back_to_back_holds_keep_byte_order(dataplane: DataPlane, rcvbuf: 
     finally:
         dataplane.set_queue_limit(0)
     assert dataplane.splice_table.entries() == {"sock_map": 0, "splice_slots": 0}
+
+
+async def test_a_trickling_sender_is_not_kept_waiting_by_holds(relay, dataplane: DataPlane) -> None:
+    """Holds toward a backend that stalls, then recovers, while the client trickles: the backend reads
+    nothing for 0.3 s while a 2 MB burst and then a 19-byte message every millisecond arrive (the
+    queue toward it is over a 64 KiB limit, so the verdict holds, about one hold per message), then
+    reads everything. A hold ends with one peek once the held count stops growing, or after 20 ms
+    (relay.spliced._settle), never by waiting for the sender's window to fill, which a trickle does
+    not do for seconds. Each message carries its send time: those sent once the backend reads arrive
+    in well under a second, and every byte arrives once and in order."""
+    dataplane.set_queue_limit(64 << 10)
+    loop = asyncio.get_running_loop()
+    cl, bl = listener(), listener()
+    client = socket.create_connection(cl.getsockname())
+    proxy_client, _ = await loop.sock_accept(cl)
+    proxy_client.setblocking(False)
+    client.sendall(b"HELLO\n")
+    first = await loop.sock_recv(proxy_client, 100)
+    proxy_backend = socket.socket()
+    proxy_backend.setblocking(False)
+    await loop.sock_connect(proxy_backend, bl.getsockname())
+    backend, _ = await loop.sock_accept(bl)
+    backend.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)  # fills at once while unread
+    before = dataplane.traffic()
+    task = asyncio.create_task(relay.relay(proxy_client, proxy_backend, first, 30))
+    burst = payload(5, 2_000_000)
+    trickle_seconds, reading_after = 3.0, 0.3
+    head = len(first) + len(burst)  # the relay writes the hello first
+    t0 = time.monotonic()
+    delays: list[float] = []
+    received = bytearray()
+
+    def send() -> None:
+        client.sendall(burst)
+        while time.monotonic() - t0 < trickle_seconds:
+            client.sendall(b"T%017.6f\n" % time.monotonic())  # 19 bytes: "T" + send time + newline
+            time.sleep(0.001)
+        client.shutdown(socket.SHUT_WR)
+
+    def read() -> None:
+        time.sleep(reading_after)
+        backend.setblocking(True)
+        while chunk := backend.recv(1 << 20):
+            now = time.monotonic()
+            start = max(len(received), head)
+            received.extend(chunk)
+            for i in range(start + (-(start - head) % 19), len(received) - 18, 19):
+                sent = float(received[i + 1:i + 18])
+                if sent >= t0 + reading_after + 0.1:
+                    delays.append(now - sent)
+
+    try:
+        threads = [threading.Thread(target=f) for f in (send, read)]
+        for th in threads:
+            th.start()
+        await asyncio.wait_for(loop.run_in_executor(None, threads[0].join), 30)
+        await asyncio.wait_for(loop.run_in_executor(None, threads[1].join), 30)
+        backend.shutdown(socket.SHUT_WR)
+        result = await asyncio.wait_for(task, 10)
+        held = dataplane.traffic().held_pkts - before.held_pkts
+    finally:
+        dataplane.set_queue_limit(0)
+        for s in (client, backend, cl, bl):
+            s.close()
+    assert bytes(received[:head]) == first + burst
+    tail = bytes(received[head:])
+    assert len(tail) % 19 == 0 and all(tail[i] == ord("T") for i in range(0, len(tail), 19))
+    assert result.outcome is Outcome.CLOSED and result.bytes_up == len(received)
+    assert held >= 1, "the verdict never held: the test did not reach the case it is about"
+    assert delays, "no message was sent after the backend began to read"
+    assert max(delays) < 1.0, f"a message waited {max(delays):.2f} s behind a hold"
