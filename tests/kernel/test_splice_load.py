@@ -51,6 +51,34 @@ async def _accept_hello_connect(cl: socket.socket, port: int) -> tuple[socket.so
     return proxy_client, first, proxy_backend
 
 
+async def _relay_streams(relay: Relay, cl: socket.socket, port: int, streams: int, timeout: float) -> list:
+    """Accept `streams` clients one by one, as the server does, and relay them all concurrently to the
+    sink on `port`: their RelayResults."""
+    tasks = []
+    for _ in range(streams):
+        proxy_client, first, proxy_backend = await _accept_hello_connect(cl, port)
+        tasks.append(asyncio.create_task(relay.relay(proxy_client, proxy_backend, first, 30)))
+    return await asyncio.wait_for(asyncio.gather(*tasks), timeout)
+
+
+async def _connected_pair_in_process() -> tuple[socket.socket, ...]:
+    """Both ends in this process, for tests that drive the client and backend from threads: returns
+    (client listener, backend listener, client, proxy's client side, the 6-byte hello, proxy's backend
+    side, backend); the proxy's two sockets are non-blocking, ready for relay()."""
+    loop = asyncio.get_running_loop()
+    cl, bl = listener(), listener()
+    client = socket.create_connection(cl.getsockname())
+    proxy_client, _ = await loop.sock_accept(cl)
+    proxy_client.setblocking(False)
+    client.sendall(b"HELLO\n")
+    first = await loop.sock_recv(proxy_client, 100)
+    proxy_backend = socket.socket()
+    proxy_backend.setblocking(False)
+    await loop.sock_connect(proxy_backend, bl.getsockname())
+    backend, _ = await loop.sock_accept(bl)
+    return cl, bl, client, proxy_client, first, proxy_backend, backend
+
+
 def _endpoints():  # noqa: ANN202
     """endpoints.py as a module (for stream_bytes, to check what the sink hashed)."""
     import importlib.util
@@ -96,16 +124,7 @@ async def test_slow_reader_keeps_tcp_memory_bounded(relay, dataplane: DataPlane)
     backend stays < 64 MiB above baseline for the whole run, and every byte still arrives in order."""
     baseline = tcp_mem_bytes()
     loop = asyncio.get_running_loop()
-    cl, bl = listener(), listener()
-    client = socket.create_connection(cl.getsockname())
-    proxy_client, _ = await loop.sock_accept(cl)
-    proxy_client.setblocking(False)
-    client.sendall(b"HELLO\n")
-    first = await loop.sock_recv(proxy_client, 100)
-    proxy_backend = socket.socket()
-    proxy_backend.setblocking(False)
-    await loop.sock_connect(proxy_backend, bl.getsockname())
-    backend, _ = await loop.sock_accept(bl)
+    cl, bl, client, proxy_client, first, proxy_backend, backend = await _connected_pair_in_process()
     backend.setblocking(True)
     task = asyncio.create_task(relay.relay(proxy_client, proxy_backend, first, 30))
 
@@ -220,13 +239,7 @@ async def test_eight_fast_streams_all_splice_and_finish(relay, dataplane: DataPl
     streams, size = 8, 40_000_000
     loop = asyncio.get_running_loop()
     with _sink_and_source(size, streams, sha256=True) as (cl, port, sink):
-
-        async def one() -> object:
-            proxy_client, first, proxy_backend = await _accept_hello_connect(cl, port)
-            return asyncio.create_task(relay.relay(proxy_client, proxy_backend, first, 30))
-
-        tasks = [await one() for _ in range(streams)]  # sequential accepts, relays run concurrently
-        results = await asyncio.wait_for(asyncio.gather(*tasks), 60)
+        results = await _relay_streams(relay, cl, port, streams, 60)
         done = json.loads(await asyncio.wait_for(loop.run_in_executor(None, sink.stdout.readline), 30))
         expected = hashlib.sha256(b"HELLO\n" + endpoints.stream_bytes(size)).hexdigest()
         assert done["per_conn"] == [6 + size] * streams
@@ -275,14 +288,8 @@ async def test_back_to_back_holds_keep_byte_order(dataplane: DataPlane, rcvbuf: 
         streams, size = 8, 100_000_000
         loop = asyncio.get_running_loop()
         with _sink_and_source(size, streams, sha256=True) as (cl, port, sink):
-
-            async def one() -> object:
-                proxy_client, first, proxy_backend = await _accept_hello_connect(cl, port)
-                return asyncio.create_task(relay.relay(proxy_client, proxy_backend, first, 30))
-
             before = dataplane.traffic()
-            tasks = [await one() for _ in range(streams)]
-            results = await asyncio.wait_for(asyncio.gather(*tasks), 120)
+            results = await _relay_streams(relay, cl, port, streams, 120)
             after = dataplane.traffic()
             done = json.loads(await asyncio.wait_for(loop.run_in_executor(None, sink.stdout.readline), 30))
             expected = hashlib.sha256(b"HELLO\n" + endpoints.stream_bytes(size)).hexdigest()
@@ -305,16 +312,7 @@ async def test_a_trickling_sender_is_not_kept_waiting_by_holds(relay, dataplane:
     in well under a second, and every byte arrives once and in order."""
     dataplane.set_queue_limit(64 << 10)
     loop = asyncio.get_running_loop()
-    cl, bl = listener(), listener()
-    client = socket.create_connection(cl.getsockname())
-    proxy_client, _ = await loop.sock_accept(cl)
-    proxy_client.setblocking(False)
-    client.sendall(b"HELLO\n")
-    first = await loop.sock_recv(proxy_client, 100)
-    proxy_backend = socket.socket()
-    proxy_backend.setblocking(False)
-    await loop.sock_connect(proxy_backend, bl.getsockname())
-    backend, _ = await loop.sock_accept(bl)
+    cl, bl, client, proxy_client, first, proxy_backend, backend = await _connected_pair_in_process()
     backend.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)  # fills at once while unread
     before = dataplane.traffic()
     task = asyncio.create_task(relay.relay(proxy_client, proxy_backend, first, 30))
