@@ -98,7 +98,7 @@ install -d -m 0755 "$SYSCTLDIR"
 install -m 0644 "$top/systemd/sniproxy-sysctl.conf" "$SYSCTLDIR/30-sniproxy.conf"
 for key in net.core.wmem_max net.core.rmem_max; do
   want=$(sed -n "s/^$key = //p" "$top/systemd/sniproxy-sysctl.conf")
-  if [ "$(sysctl -n "$key")" -lt "$want" ]; then
+  if [ "$(cat "/proc/sys/$(echo "$key" | tr . /)")" -lt "$want" ]; then
     sysctl -q -w "$key=$want" && log "raised $key to $want"
   fi
 done

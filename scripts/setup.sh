@@ -171,7 +171,7 @@ raise_buffer_caps() {
   [ "$(id -u)" = 0 ] || return 0
   for key in net.core.wmem_max net.core.rmem_max; do
     want=$(sed -n "s/^$key = //p" "$top/systemd/sniproxy-sysctl.conf")
-    if [ "$(sysctl -n "$key")" -lt "$want" ]; then
+    if [ "$(cat "/proc/sys/$(echo "$key" | tr . /)")" -lt "$want" ]; then
       sysctl -q -w "$key=$want" && log "raised $key to $want (this boot)"
     fi
   done
