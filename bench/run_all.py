@@ -153,7 +153,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--idle-conns", type=int, default=10000,
                    help="idle connections to hold (capped so a proxy's 2 fds each fit the fd limit)")
     p.add_argument("--targets", default=",".join(keys), help=f"comma-separated subset of {','.join(keys)}")
-    p.add_argument("--chart", type=Path, help="PNG path (default docs/bench-<date>.png)")
+    p.add_argument("--chart", type=Path, help="PNG path (default docs/bench-<date>.png, or bench-<date>-<HHMM>.png "
+                   "when a run of the same day made that one)")
     p.add_argument("--no-chart", action="store_true", help="skip the PNG")
     p.add_argument("--only", choices=["shortcut"],
                    help="run one workload alone: shortcut = bench/shortcut_download.py (download from a "
@@ -271,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"raw results: {stem.with_suffix('.json').relative_to(REPO)} (+ .md)")
         if not args.no_chart:
             out = args.chart or REPO / "docs" / f"bench-{results['date']}.png"
+            if not args.chart and out.exists():  # an earlier run today: keep its chart (docs link it)
+                out = out.with_name(f"bench-{results['date']}-{now.strftime('%H%M')}.png")
             chart.render(results, out)
             print(f"chart: {out.relative_to(REPO) if out.is_relative_to(REPO) else out}")
         failures = [(r["label"], name, msg) for r in records for rep in r["reps"]

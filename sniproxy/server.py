@@ -227,6 +227,11 @@ class Server:
         if config.metrics != self.config.metrics:
             log.warning("reload_metrics_unchanged", reason="[metrics] needs a restart")
             config = dataclasses.replace(config, metrics=self.config.metrics)
+        if config.ebpf != self.config.ebpf:
+            # The kernel data plane is compiled, attached and pinned once, at start, before privileges
+            # are dropped: a worker could not load it again.
+            log.warning("reload_ebpf_unchanged", reason="[ebpf] needs a restart")
+            config = dataclasses.replace(config, ebpf=self.config.ebpf)
         built = self._reload_resolver(config)
         if built is None:
             for sock in sockets:

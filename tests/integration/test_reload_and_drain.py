@@ -93,3 +93,23 @@ async def test_sigterm_cuts_connections_still_open_after_the_grace_period(server
         except ConnectionResetError:
             pass
     writer.close()
+
+
+async def test_a_reload_that_changes_ebpf_keeps_the_running_data_plane_and_says_so(servers, start_proxy, ca):
+    """[ebpf] is loaded once, at start: a reload that turns splice on keeps copying, logs
+    reload_ebpf_unchanged, and applies the rest of the file (here a route change)."""
+    a, b, data = servers
+    port = free_port()
+    proxy = start_proxy(config_text(port, a.port, data.port))
+    ctx = client_context(ca)
+    assert await who("127.0.0.1", port, "app.test", ctx) == "backend=a alpn=None"
+    changed = config_text(port, b.port, data.port).replace("splice = false", "splice = true\nqueue_limit = 1048576")
+    assert "splice = true" in changed
+    proxy.config_path.write_text(changed)
+    proxy.signal(signal.SIGHUP)
+    await proxy.until(lambda e: e.get("event") == "reloaded")
+    (kept,) = [e for e in proxy.events() if e.get("event") == "reload_ebpf_unchanged"]
+    assert kept["reason"] == "[ebpf] needs a restart" and kept["level"] == "warning"
+    assert await who("127.0.0.1", port, "app.test", ctx) == "backend=b alpn=None"
+    events = await proxy.access(count=2)
+    assert [e["relay"] for e in events] == ["copy", "copy"]
