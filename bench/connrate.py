@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -39,16 +40,19 @@ def log(msg: str) -> None:
 
 class _Ours(peers.Ours):
     def __init__(self, splice: bool, access_log: bool, cprofile: Path | None = None,
-                 tree: Path | None = None) -> None:
+                 tree: Path | None = None, opcount: Path | None = None) -> None:
         super().__init__(splice, None)
         self.access_log = access_log
         self.cprofile = cprofile
         self.tree = tree
+        self.opcount = opcount
 
     def env(self) -> dict[str, str]:
         env = super().env()
         if self.tree:
             env["PYTHONPATH"] = str(self.tree)  # another copy of the package, for an A/B run
+        if self.opcount:
+            env["SNIPROXY_OPCOUNT_OUT"] = str(self.opcount)
         return env
 
     def prepare(self, backends: dict[str, int], max_conns: int) -> list[str]:
@@ -56,6 +60,8 @@ class _Ours(peers.Ours):
         if self.access_log:
             text = self.config_path.read_text().replace("access_log = false", "access_log = true")
             self.config_path.write_text(text)
+        if self.opcount:
+            argv = [argv[0], str(REPO / "bench" / "opcount.py"), *argv[3:]]
         if self.cprofile:
             # Deterministic: call counts per connection (the times are inflated by the profiler).
             argv = [argv[0], "-m", "cProfile", "-o", str(self.cprofile), *argv[1:]]
@@ -123,11 +129,11 @@ def _user_sys(pids: list[int]) -> tuple[float, float]:
 
 def _one_rate(bench: workloads.Bench, backends: dict[str, int], workdir: Path, mode: str,
               args: argparse.Namespace, tree: Path | None) -> dict[str, Any]:
-    target = _Ours(mode == "splice", args.access_log, tree=tree)
+    target = peers.PythonFloor(1) if mode == "floor" else _Ours(mode == "splice", args.access_log, tree=tree)
     workdir.mkdir()
     try:
         target.start(workdir, backends, 1000)
-        if target.relay_mode != mode:
+        if mode != "floor" and target.relay_mode != mode:
             raise SystemExit(f"connrate: asked for {mode}, the proxy runs {target.relay_mode}: {target.notes}")
         workloads.warm_up(bench, target)
         before = _user_sys(target.pids())
@@ -191,8 +197,14 @@ def run_mode(bench: workloads.Bench, backends: dict[str, int], tmp: Path, mode: 
             log(f"  {mode} profile: py-spy wrote nothing")
     if args.syscalls:
         syscall_counts(bench, backends, tmp, mode, args)
+    if args.perf:
+        perf_profile(bench, backends, tmp, mode, args)
     if args.cprofile:
         cprofile(bench, backends, tmp, mode, args)
+    if args.opcount:
+        if args.compare:
+            opcount(bench, backends, tmp, mode, args, args.compare)
+        opcount(bench, backends, tmp, mode, args)
     best = min(results, key=lambda r: r["proxy_us_per_conn"] or float("inf"))
     row = {"mode": mode, "reps": results, "best_cpu": best,
            "best_rate": max(results, key=lambda r: r["conns_per_s"])}
@@ -236,12 +248,84 @@ def syscall_counts(bench: workloads.Bench, backends: dict[str, int], tmp: Path, 
             log(f"    {int(fields[2]) / ok:7.2f}  total")
 
 
+def perf_profile(bench: workloads.Bench, backends: dict[str, int], tmp: Path, mode: str,
+                 args: argparse.Namespace) -> None:
+    """One extra round under `perf record -g` of the proxy process: where its CPU goes, kernel and
+    user, by symbol (the kernel side is what py-spy cannot see: loopback TCP run inside our calls)."""
+    args.perf.mkdir(parents=True, exist_ok=True)
+    data = args.perf / f"{mode}.perf.data"
+    target = _Ours(mode == "splice", args.access_log)
+    workdir = tmp / f"{mode}-perf"
+    workdir.mkdir()
+    try:
+        target.start(workdir, backends, 1000)
+        workloads.warm_up(bench, target)
+        perf = subprocess.Popen(["perf", "record", "-q", "-g", "-F", "2000", "-o", str(data), "-p",
+                                 ",".join(str(p) for p in target.pids())],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            time.sleep(1.0)
+            r = workloads.rate(bench, target, args.seconds, args.clients, args.threads)
+        finally:
+            perf.send_signal(signal.SIGINT)
+            perf.wait(60)
+    finally:
+        target.stop()
+    report = subprocess.run(["perf", "report", "-i", str(data), "--no-children", "--sort", "sym",
+                             "--stdio", "-g", "none", "--percent-limit", "0.7"],
+                            capture_output=True, text=True).stdout
+    (args.perf / f"{mode}-report.txt").write_text(report)
+    log(f"  {mode} perf: {r['ok']} connections, {data}, report in {mode}-report.txt")
+
+
+def opcount(bench: workloads.Bench, backends: dict[str, int], tmp: Path, mode: str,
+            args: argparse.Namespace, tree: Path | None = None) -> dict[str, Any]:
+    """One extra round under bench/opcount.py: Python bytecodes executed per connection, in total and
+    per function (deterministic where time is not: the A/B measure for trimming the path)."""
+    # Outside `tmp` (0700): the proxy writes the file after dropping root.
+    outdir = Path(tempfile.mkdtemp(prefix="sniproxy-opcount-"))
+    outdir.chmod(0o1777)
+    out = outdir / "opcount.json"
+    target = _Ours(mode == "splice", args.access_log, tree=tree, opcount=out)
+    workdir = tmp / f"{mode}-opcount-run{'-base' if tree else ''}"
+    workdir.mkdir()
+    try:
+        target.start(workdir, backends, 1000)
+        workloads.warm_up(bench, target)
+        time.sleep(0.5)
+        target.proc.send_signal(signal.SIGUSR2)
+        time.sleep(0.5)
+        r = workloads.rate(bench, target, args.seconds, args.clients, args.threads)
+        time.sleep(0.5)
+        target.proc.send_signal(signal.SIGUSR2)
+        deadline = time.monotonic() + 30
+        while not out.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(0.5)
+        rows = json.loads(out.read_text())
+    finally:
+        target.stop()
+        shutil.rmtree(outdir, ignore_errors=True)
+    ok = r["ok"] or 1
+    total = sum(row["opcodes"] for row in rows)
+    label = f"{mode}{' BASE' if tree else ''}"
+    log(f"  {label}: {total / ok:.0f} Python bytecodes per connection ({r['ok']} connections)")
+    for row in rows[:args.top]:
+        where = row["file"].replace(str(REPO) + "/", "").replace(str(tree) + "/" if tree else "\0", "")
+        log(f"    {row['opcodes'] / ok:8.1f}  {where}:{row['function']}")
+    return {"per_conn": total / ok, "rows": rows, "ok": ok}
+
+
 def cprofile(bench: workloads.Bench, backends: dict[str, int], tmp: Path, mode: str,
              args: argparse.Namespace) -> None:
     """One extra round under cProfile: Python calls per connection, by cumulative and own time."""
     import pstats
 
     out = args.cprofile / f"{mode}.pstats"
+    # The proxy drops root for its own user before it writes this file at exit.
+    args.cprofile.mkdir(parents=True, exist_ok=True)
+    args.cprofile.chmod(0o1777)
+    out.unlink(missing_ok=True)
     target = _Ours(mode == "splice", args.access_log, out)
     workdir = tmp / f"{mode}-cprofile"
     workdir.mkdir()
@@ -258,7 +342,7 @@ def cprofile(bench: workloads.Bench, backends: dict[str, int], tmp: Path, mode: 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--modes", default="copy,splice", help="comma-separated: copy, splice")
+    p.add_argument("--modes", default="copy,splice", help="comma-separated: copy, splice, floor (bench/floor_proxy.py, one process)")
     p.add_argument("--reps", type=int, default=3, help="repetitions per mode; the best is reported")
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--clients", type=int, default=32)
@@ -269,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="py-spy without --native: does not pause the proxy to unwind C stacks (less skew)")
     p.add_argument("--profile-rate", type=int, default=250, help="py-spy samples per second")
     p.add_argument("--syscalls", action="store_true", help="count system calls per connection (strace)")
+    p.add_argument("--perf", type=Path, help="directory for a `perf record -g` round per mode (kernel and user)")
+    p.add_argument("--opcount", action="store_true",
+                   help="count Python bytecodes per connection (bench/opcount.py; with --compare, both trees)")
     p.add_argument("--cprofile", type=Path, help="directory for a cProfile round per mode (call counts)")
     p.add_argument("--compare", type=Path,
                    help="another source tree (holding sniproxy/) to run interleaved with this one, as BASE")

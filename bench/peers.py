@@ -365,9 +365,27 @@ class Haproxy(ProcessTarget):
         return ["/usr/sbin/haproxy", "-f", str(conf), "-db"]
 
 
+class PythonFloor(ProcessTarget):
+    """bench/floor_proxy.py: the least a Python SNI proxy on uvloop does per connection (no checks,
+    limits, deadlines or log), one process per core. Not a peer: the floor beside ours, so a
+    per-connection target below it is a target no trimming of our Python code can reach."""
+
+    key, label = "python-floor", "Python floor (no checks)"
+    workloads = ("rate", "latency")
+
+    def __init__(self, processes: int | None = None) -> None:
+        super().__init__()
+        self.processes = processes or os.cpu_count() or 1
+
+    def prepare(self, backends: dict[str, int], max_conns: int) -> list[str]:
+        routes = [f"{sni(s)}={backends[s]}" for s in SERVICES]
+        return [sys.executable, str(REPO / "bench" / "floor_proxy.py"), str(self.processes),
+                str(self.listen_port), *routes]
+
+
 def all_targets(workers_toml: str | None) -> list[Target]:
     return [Direct(), Ours(True, workers_toml), Ours(False, workers_toml), Ours(True, workers_toml, UNBOUNDED),
-            DebianSniproxy(), Nginx(16), Nginx(256), Haproxy(None), Haproxy(256)]
+            PythonFloor(), DebianSniproxy(), Nginx(16), Nginx(256), Haproxy(None), Haproxy(256)]
 
 
 UNBOUNDED = 1 << 40  # [ebpf] queue_limit's maximum: 1 TiB, which no benchmark stream reaches

@@ -210,3 +210,53 @@ def kernel_path_targets(summary: dict[str, Any]) -> list[str]:
             text += f"; unbounded-queue ceiling {ceiling:.2f}x"
         lines.append(text)
     return lines
+
+
+# Issue 14's targets against nginx in the same run (ratio), and the proxy's own CPU (absolute).
+PER_CONNECTION_TARGETS = (("rate_kcps", "connections/s", ">=", 0.6), ("rate_p99_ms", "p99 latency", "<=", 1.5),
+                          ("latency1_p50_us", "latency, 1 in flight, p50", "<=", 1.5))
+CPU_PER_CONNECTION_TARGET_US = 220.0
+
+
+def per_connection_targets(summary: dict[str, Any]) -> list[str]:
+    """Copy and splice mode beside issue 14's targets, with the Python floor (bench/floor_proxy.py)
+    measured in the same run: a target the floor misses is one no trimming of our code can reach."""
+    s = summary["targets"]
+    if "nginx" not in s or not any(k in s for k in ("ours-copy", "ours-splice")):
+        return []
+    ours = [k for k in ("ours-copy", "ours-splice") if k in s]
+    names = {"ours-copy": "copy", "ours-splice": "splice"}
+
+    def floor_text(value: float | None, op: str, target: float) -> str:
+        if value is None:
+            return ""
+        reach = value >= target if op == ">=" else value <= target
+        return f"; Python floor {value:.2f}x ({'within reach' if reach else 'misses it too'})"
+
+    lines = ["per connection (issue 14), x nginx in this run:"]
+    for metric, label, op, target in PER_CONNECTION_TARGETS:
+        nginx = s["nginx"][metric]["best"]
+        if not nginx:
+            continue
+        parts = []
+        for key in ours:
+            value = s[key][metric]["best"]
+            if value is not None:
+                ratio = value / nginx
+                met = ratio >= target if op == ">=" else ratio <= target
+                parts.append(f"{names[key]} {ratio:.2f}x ({'met' if met else 'NOT met'})")
+        floor = s.get("python-floor", {}).get(metric, {}).get("best")
+        lines.append(f"  {label} (target {op} {target}x): " + ", ".join(parts)
+                     + floor_text(floor / nginx if floor is not None else None, op, target))
+    cpu = [f"{names[k]} {s[k]['proxy_us_per_conn']['best']:.0f} us "
+           f"({'met' if s[k]['proxy_us_per_conn']['best'] <= CPU_PER_CONNECTION_TARGET_US else 'NOT met'})"
+           for k in ours if s[k]["proxy_us_per_conn"]["best"] is not None]
+    floor = s.get("python-floor", {}).get("proxy_us_per_conn", {}).get("best")
+    nginx = s["nginx"]["proxy_us_per_conn"]["best"]
+    text = f"  proxy CPU per connection (target <= {CPU_PER_CONNECTION_TARGET_US:.0f} us): " + ", ".join(cpu)
+    if floor is not None:
+        text += f"; Python floor {floor:.0f} us"
+    if nginx is not None:
+        text += f"; nginx {nginx:.0f} us"
+    lines.append(text)
+    return lines

@@ -261,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(report.text_table(table))
         print(_legend(results))
-        targets_text = "\n".join(report.kernel_path_targets(summary))
+        targets_text = "\n\n".join("\n".join(lines) for lines in (
+            report.kernel_path_targets(summary), report.per_connection_targets(summary)) if lines)
         if targets_text:
             print("\n" + targets_text)
         RESULTS.mkdir(parents=True, exist_ok=True)

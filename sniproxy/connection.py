@@ -13,6 +13,7 @@ import os
 import select
 import socket
 import time
+from _socket import socket as raw_socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -132,6 +133,51 @@ class Connection:
     path (a DNS query, an HTTP error's linger, a hand-off to the kernel). start() begins it; on_done
     (the server's) is called exactly once, after the access-log event."""
 
+    # Defaults of what most connections never set, as class attributes: one store each saved per
+    # connection (a list or tuple here is always replaced, never mutated, in an instance).
+    hello: tls.ClientHello | None = None
+    head: http_head.RequestHead | None = None
+    route: Route | None = None
+    # Rules that matched the name but could not build a backend from it: logged, never silent.
+    route_skipped: tuple[str, ...] = ()
+    # Bytes the proxy itself sent the backend (a PROXY header): not the client's, so not bytes_up.
+    added_up = 0
+    backend_address: Any = None  # (ip, port) of the connected backend, or "unix:/path"
+    backend_host: str | None = None  # the host (name or IP) of the backend it served from
+    _balanced: BackendAddress | None = None  # counted open in the balancer until the end
+    _connect_deadline: float | None = None
+    _tried: list[str] | tuple[()] = ()  # why backends tried before the one that served failed
+    via: Any = None  # the load balancer's address, when a PROXY header named the client
+    proxy_destination: Any = None
+    finished = False
+    _poller: Poller | None = None
+    _timer: asyncio.TimerHandle | None = None  # the deadline of the phase waiting now
+    _task: asyncio.Task[None] | None = None  # a slow path running now
+    _running: Running | None = None  # the relay, once both sockets are handed to it
+    _reader: Any = None  # tls.ClientHelloReader or http_head.RequestHeadReader
+    _header_reader: proxy_protocol.ProxyHeaderReader | None = None
+    _client_watched = False  # the client socket is registered in the poller
+    # Backends: the route's targets in the order to try, the addresses of
+    # the target being connected, and the socket whose connect is in flight.
+    _targets: list[BackendAddress] | tuple[()] = ()
+    _target_index = 0
+    _addresses: list[Any] | tuple[()] = ()
+    _address_index = 0
+    _address_errors: list[str] | tuple[()] = ()
+    _target_deadline = 0.0
+    _connecting: socket.socket | None = None
+    _first: bytes | None = None
+    _deadline = 0.0  # of the hello (or request head), loop time
+    _address_family = 0  # AF_UNIX for a unix-socket target, else 0 (by the address)
+    _port = 0
+    _unix_label: str | None = None  # a unix target's name in errors
+    _unix = False  # relayed by the copy-only relay because the backend is a unix socket
+    # The short-circuit registration of the backend connection in flight (relay.shortcut), if
+    # any: made before its connect(), handed to the relay with the socket, released here when
+    # that connect fails or the connection ends before relaying.
+    _ticket: Any = None
+    _shortcut_refused: str | None = None  # why a local backend was not registered
+
     def __init__(
         self,
         client: socket.socket,
@@ -161,50 +207,8 @@ class Connection:
         self.entered: dict[str, float] = {State.ACCEPTED.value: self.started}
         self.held: dict[str, float] = {}
         self._state = State.ACCEPTED
-        self.hello: tls.ClientHello | None = None
-        self.head: http_head.RequestHead | None = None
-        self.route: Route | None = None
-        # Rules that matched the name but could not build a backend from it: logged, never silent.
-        self.route_skipped: tuple[str, ...] = ()
-        # Bytes the proxy itself sent the backend (a PROXY header): not the client's, so not bytes_up.
-        self.added_up = 0
-        self.backend_address: Any = None  # (ip, port) of the connected backend, or "unix:/path"
-        self.backend_host: str | None = None  # the host (name or IP) of the backend it served from
-        self._balanced: BackendAddress | None = None  # counted open in the balancer until the end
-        self._connect_deadline: float | None = None
-        self._tried: list[str] = []  # why backends tried before the one that served failed
-        self.via: Any = None  # the load balancer's address, when a PROXY header named the client
-        self.proxy_destination: Any = None
         self.buffered = bytearray()
-        self.finished = False
-        self._poller: Poller | None = None
-        self._timer: asyncio.TimerHandle | None = None  # the deadline of the phase waiting now
-        self._task: asyncio.Task[None] | None = None  # a slow path running now
-        self._running: Running | None = None  # the relay, once both sockets are handed to it
-        self._reader: Any = None  # tls.ClientHelloReader or http_head.RequestHeadReader
-        self._header_reader: proxy_protocol.ProxyHeaderReader | None = None
-        self._client_watched = False  # the client socket is registered in the poller
-        # Backends: the route's targets in the order to try, the failures so far, the addresses of
-        # the target being connected, and the socket whose connect is in flight.
-        self._targets: list[BackendAddress] = []
         self._failures: list[_Rejected] = []
-        self._target_index = 0
-        self._addresses: list[Any] = []
-        self._address_index = 0
-        self._address_errors: list[str] = []
-        self._target_deadline = 0.0
-        self._connecting: socket.socket | None = None
-        self._first: bytes | None = None
-        self._deadline = 0.0  # of the hello (or request head), loop time
-        self._address_family = 0  # AF_UNIX for a unix-socket target, else 0 (by the address)
-        self._port = 0
-        self._unix_label: str | None = None  # a unix target's name in errors
-        self._unix = False  # relayed by the copy-only relay because the backend is a unix socket
-        # The short-circuit registration of the backend connection in flight (relay.shortcut), if
-        # any: made before its connect(), handed to the relay with the socket, released here when
-        # that connect fails or the connection ends before relaying.
-        self._ticket: Any = None
-        self._shortcut_refused: str | None = None  # why a local backend was not registered
 
     @property
     def state(self) -> State:
@@ -661,8 +665,9 @@ class Connection:
             self.backend_address = target
         now = self.loop.time()
         share_ends = now + (self._target_deadline - now) / (len(self._addresses) - index)
-        # SOCK_NONBLOCK: non-blocking from birth, no separate ioctl.
-        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        # SOCK_NONBLOCK: non-blocking from birth, no separate ioctl. The C socket type, as the
+        # server's accepted sockets (server._accept).
+        sock = raw_socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         try:
             if family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -27,10 +27,10 @@ Decisions a caller may need to know:
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import re
-from typing import ClassVar
+import struct
+from typing import ClassVar, NamedTuple
 
 __all__ = [
     "NEED_DATA",
@@ -122,8 +122,10 @@ class ClientHelloError(Exception):
         return f"{self.reason.name.lower()}: {self.detail}"
 
 
-@dataclasses.dataclass(frozen=True)
-class ClientHello:
+class ClientHello(NamedTuple):
+    """What routing needs from a ClientHello. Immutable; a NamedTuple rather than a frozen
+    dataclass because it is made once per connection (0.4 us against 1.1 us)."""
+
     sni: str | None
     alpn: tuple[str, ...]
     legacy_version: int
@@ -354,10 +356,13 @@ class _Cursor:
             raise ClientHelloError(self._junk, f"{self._what}: {self.remaining} trailing bytes")
 
 
+_EXTENSION_HEADER = struct.Struct(">HH").unpack_from
+
+
 def _scan_client_hello(b: bytes, pos: int, end: int) -> tuple[int, tuple[int, int] | None, tuple[int, int] | None] | None:
     """The fast path's walk over a ClientHello body b[pos:end]: (legacy_version, where the SNI
     extension is, where the ALPN extension is), or None at the first thing that is not plainly well
-    formed (the general parser then names it). Indexes the bytes; makes no slice or object."""
+    formed (the general parser then names it). Indexes the bytes; makes no slice."""
     if end - pos < 38:
         return None
     version = b[pos] << 8 | b[pos + 1]
@@ -374,28 +379,28 @@ def _scan_client_hello(b: bytes, pos: int, end: int) -> tuple[int, tuple[int, in
     p += 1 + methods
     if methods < 1 or p > end:
         return None
-    sni = alpn = None
     if p == end:
         return version, None, None
     if p + 2 > end or p + 2 + (b[p] << 8 | b[p + 1]) != end:
         return None
     p += 2
-    seen = set()
-    while p < end:
-        if end - p < 4:
-            return None
-        kind = b[p] << 8 | b[p + 1]
-        length = b[p + 2] << 8 | b[p + 3]
-        p += 4
-        if length > end - p or kind in seen:
-            return None
-        seen.add(kind)
-        if kind == _EXT_SERVER_NAME:
-            sni = (p, p + length)
-        elif kind == _EXT_ALPN:
-            alpn = (p, p + length)
-        p += length
-    return version, sni, alpn
+    # The extensions' loop runs ~15-20 times per connection: one struct call per header and a dict
+    # store (it was a fifth of all the bytecodes a connection runs); the checks come after it. A
+    # repeated type leaves fewer keys than extensions; an overlong one leaves p past the end.
+    found: dict[int, int] = {}
+    count = 0
+    last = end - 4
+    while p <= last:
+        kind, length = _EXTENSION_HEADER(b, p)
+        found[kind] = p
+        count += 1
+        p += 4 + length
+    if p != end or len(found) != count:
+        return None
+    sni = found.get(_EXT_SERVER_NAME)
+    alpn = found.get(_EXT_ALPN)
+    return (version, None if sni is None else (sni + 4, sni + 4 + (b[sni + 2] << 8 | b[sni + 3])),
+            None if alpn is None else (alpn + 4, alpn + 4 + (b[alpn + 2] << 8 | b[alpn + 3])))
 
 
 def _fast_server_name(b: bytes, pos: int, end: int) -> bytes | None:
@@ -508,27 +513,27 @@ def _parse_server_name(data: memoryview) -> str:
     return _validate_hostname(host)
 
 
-# One label: letters, digits, '-' and '_', not starting or ending with '-', 1..63 bytes.
+# One label: letters, digits, '-' and '_', not starting or ending with '-', 1..63 bytes; a name is
+# labels joined by dots (one match for the whole name; the per-label one only to say what is wrong).
 _LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
+_HOSTNAME = re.compile(r"(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
 
 
 def _validate_hostname(raw: bytes) -> str:
-    shown = repr(raw[:80])
     if not raw:
         raise ClientHelloError(_R.BAD_SNI, "host_name is empty")
     if not raw.isascii():
-        raise ClientHelloError(_R.BAD_SNI, f"host_name {shown} is not ASCII (IDNs must be A-labels)")
+        raise ClientHelloError(_R.BAD_SNI, f"host_name {raw[:80]!r} is not ASCII (IDNs must be A-labels)")
     name = raw.decode("ascii").lower()
     if name.endswith("."):
         name = name[:-1]
     if len(name) > _MAX_HOSTNAME:
         raise ClientHelloError(_R.BAD_SNI, f"host_name of {len(name)} bytes exceeds {_MAX_HOSTNAME}")
-    labels = name.split(".")
-    for label in labels:
-        if not _LABEL.fullmatch(label):
-            raise ClientHelloError(_R.BAD_SNI, f"host_name {shown} has an invalid label {label[:80]!r}")
-    if labels[-1].isdigit():
-        raise ClientHelloError(_R.BAD_SNI, f"host_name {shown} is an IP literal (RFC 6066 forbids it)")
+    if _HOSTNAME.fullmatch(name) is None:
+        bad = next((label for label in name.split(".") if not _LABEL.fullmatch(label)), name)
+        raise ClientHelloError(_R.BAD_SNI, f"host_name {raw[:80]!r} has an invalid label {bad[:80]!r}")
+    if name.rpartition(".")[2].isdigit():
+        raise ClientHelloError(_R.BAD_SNI, f"host_name {raw[:80]!r} is an IP literal (RFC 6066 forbids it)")
     return name
 
 
