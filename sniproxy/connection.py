@@ -68,6 +68,10 @@ class State(str, enum.Enum):
     CLOSED = "closed"
 
 
+# The phases whose length the metrics read from Connection.held (the others' come from `entered`).
+_HELD_KEPT = frozenset({State.RESOLVING.value, State.CONNECTING.value})
+
+
 @dataclass(frozen=True)
 class Policy:
     """What a connection needs from the configuration; replaced as a whole on reload."""
@@ -202,8 +206,9 @@ class Connection:
         self.loop = loop
         self.on_done = on_done
         self.started = time.monotonic()
-        # For the phase metrics, by State value: when it was last entered, and how long it was held
-        # the last time it was left (a route with several backends may resolve and connect again).
+        # For the phase metrics, by State value: when it was last entered, and how long RESOLVING and
+        # CONNECTING were held the last time they were left (a route with several backends may
+        # resolve and connect again).
         self.entered: dict[str, float] = {State.ACCEPTED.value: self.started}
         self.held: dict[str, float] = {}
         self._state = State.ACCEPTED
@@ -217,10 +222,12 @@ class Connection:
     @state.setter
     def state(self, state: State) -> None:
         now = time.monotonic()
+        entered = self.entered
         left = self._state._value_  # not .value: an enum property, measurably slower on 3.11
-        self.held[left] = now - self.entered[left]
+        if left in _HELD_KEPT:
+            self.held[left] = now - entered[left]
         self._state = state
-        self.entered[state._value_] = now
+        entered[state._value_] = now
 
     # -- driving ---------------------------------------------------------------------------------
 

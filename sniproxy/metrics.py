@@ -187,7 +187,8 @@ def connection_opened(listener: str) -> None:
 
 def connection_closed(conn: Connection, outcome: str, result: RelayResult | None, now: float) -> None:
     """Once per connection that connection_opened() counted, where its access-log event is made.
-    `conn.entered`/`conn.held`: when each State was last entered, and how long it was last held."""
+    `conn.entered`/`conn.held`: when each State was last entered, and how long RESOLVING and
+    CONNECTING were held the last time they were left."""
     m = _metrics
     if m is None:
         return

@@ -215,9 +215,18 @@ class ClientHelloReader:
         protocols = _fast_alpn(data, *alpn) if alpn is not None else ()
         if protocols is None:
             return None
-        # The host name's rules (labels, IP literals) are checked here as on the general path.
-        return ClientHello(sni=_validate_hostname(host) if host is not None else None, alpn=protocols,
-                           legacy_version=version, record_bytes=record_end)
+        # The host name's rules (labels, IP literals) are checked here as on the general path; a
+        # name seen before was valid then (an invalid one raises, and is never remembered).
+        if host is not None:
+            name = _valid_names.get(host)
+            if name is None:
+                name = _validate_hostname(host)
+                if len(_valid_names) >= _MEMO_SIZE:
+                    _valid_names.clear()
+                _valid_names[host] = name
+        else:
+            name = None
+        return ClientHello(sni=name, alpn=protocols, legacy_version=version, record_bytes=record_end)
 
     def _release(self) -> None:
         self._record_header = bytearray()
@@ -415,10 +424,33 @@ def _fast_server_name(b: bytes, pos: int, end: int) -> bytes | None:
 
 _VISIBLE = re.compile(rb"[\x21-\x7e]+")
 
+# The fast path's answers for the host names and ALPN lists it has seen: the same few come with
+# almost every connection. Keyed by the exact bytes; emptied when full, so a client that makes
+# names up costs at most _MEMO_SIZE entries each (of at most 253 and _MEMO_ALPN_BYTES bytes).
+_MEMO_SIZE = 4096
+_MEMO_ALPN_BYTES = 64
+_valid_names: dict[bytes, str] = {}
+_alpn_lists: dict[bytes, tuple[str, ...]] = {}
+
 
 def _fast_alpn(b: bytes, pos: int, end: int) -> tuple[str, ...] | None:
     """The protocol names of an ALPN extension b[pos:end] without GREASE, or None if anything in it
     is not plainly valid."""
+    if end - pos > _MEMO_ALPN_BYTES:
+        return _scan_alpn(b, pos, end)
+    raw = b[pos:end]
+    names = _alpn_lists.get(raw)
+    if names is None:
+        names = _scan_alpn(b, pos, end)
+        if names is None:
+            return None
+        if len(_alpn_lists) >= _MEMO_SIZE:
+            _alpn_lists.clear()
+        _alpn_lists[raw] = names
+    return names
+
+
+def _scan_alpn(b: bytes, pos: int, end: int) -> tuple[str, ...] | None:
     if end - pos < 3 or (b[pos] << 8 | b[pos + 1]) != end - pos - 2:
         return None
     p = pos + 2

@@ -251,3 +251,18 @@ def test_an_ip_literal_built_by_a_template_meets_the_open_proxy_guard():
     assert refusal is not None and refusal.outcome == "backend_refused" and "127.0.0.0/8" in refusal.reason
     opened = RouteTable.from_config(TableConfig(name="t", routes=routes, allow_private_backends=("127.0.0.0/8",)))
     assert opened.backend_allowed(opened.route("ip1.lit.test"), "127.0.0.1")
+
+
+def test_lookup_answers_stay_right_past_the_memo_bound() -> None:
+    """lookup() remembers its answers per (name, alpn); past the bound it forgets, never answers
+    from a stale entry, and stays bounded."""
+    from sniproxy import routing
+
+    t = table(("*.example.test", "b.test:443"), (REGEX, "$1.backend.test:443"), fallback="f.test:443")
+    for i in range(routing._LOOKUP_CACHE_SIZE + 10):
+        assert t.route(f"h{i}.example.test") == Route("b.test", 443, "*.example.test", False)
+        route = t.route(f"s{i}.svc.test")
+        assert route is not None and route.host == f"s{i}.backend.test"
+        assert len(t._looked_up) <= routing._LOOKUP_CACHE_SIZE
+    assert t.route("other.test") == Route("f.test", 443, "fallback", False)
+    assert t.lookup("h1.example.test", ["h2"]) == t.lookup("h1.example.test", ("h2",))

@@ -511,3 +511,24 @@ def test_mutated_hello_gives_a_result_or_client_hello_error(data: bytes, cuts: l
     whole = feed_chunks([data])
     assert_outcome_is_allowed(whole)
     assert key(feed_chunks(chunked(data, cuts))) == key(whole)
+
+
+def test_fast_path_memos_stay_bounded_and_never_remember_a_bad_name() -> None:
+    """The fast path remembers valid host names and ALPN lists (the same few come with most
+    connections); made-up ones must not grow memory past the bound, and an invalid name must be
+    refused every time, not only the first."""
+    from sniproxy import tls
+
+    for i in range(tls._MEMO_SIZE + 50):
+        hello = build_client_hello(sni=f"n{i}.test", alpn=(f"p{i}",))
+        assert read_three_ways(hello) == ClientHello(f"n{i}.test", (f"p{i}",), 0x0303, len(hello))
+        assert len(tls._valid_names) <= tls._MEMO_SIZE and len(tls._alpn_lists) <= tls._MEMO_SIZE
+    bad = build_client_hello(sni=b"bad_-.test")
+    for _ in range(2):
+        assert error_three_ways(bad).reason is R.BAD_SNI
+    assert b"bad_-.test" not in tls._valid_names
+    # A list longer than the memo's key limit is read, not remembered.
+    long = tuple(f"proto-{i:02d}" for i in range(8))
+    hello = build_client_hello(alpn=long)
+    assert read_three_ways(hello).alpn == long
+    assert not any(len(raw) > tls._MEMO_ALPN_BYTES for raw in tls._alpn_lists)
