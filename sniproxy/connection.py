@@ -51,7 +51,8 @@ def access_level(outcome: str) -> str:
     return "error" if outcome in _ERROR_OUTCOMES else "warning" if outcome in _WARNING_OUTCOMES else "info"
 
 _RECV_SIZE = 65536
-_IN, _OUT = select.EPOLLIN, select.EPOLLOUT
+# The copy engine's masks (relay.copy): a client watched for its hello keeps its registration.
+_IN, _OUT = select.EPOLLIN | select.EPOLLRDHUP, select.EPOLLOUT
 # After an HTTP error answer: how long and how much of the client's remaining request to read and drop.
 _LINGER_SECONDS = 2.0
 _LINGER_BYTES = 1 << 20
