@@ -20,7 +20,8 @@ PANELS = [
     ("idle_rss_kib_per_conn", "proxy RSS per idle connection (KiB, lower is better)"),
 ]
 OURS_COLOR, PEER_COLOR, DIRECT_COLOR = "#1f6fb4", "#9a9a9a", "#2f2f2f"
-SHORT = {"ours-splice": "ours\nsplice", "ours-copy": "ours\ncopy", "ours-unbounded": "ours splice\nunbounded",
+SHORT = {"ours-splice": "ours\nsplice", "ours-copy": "ours\ncopy", "ours-unbounded": "ours\nunbounded",
+         "python-floor": "Python\nfloor",
          "sniproxy-c": "Debian\nsniproxy",
          "nginx": "nginx", "nginx-256k": "nginx\n256K buf", "haproxy": "HAProxy", "haproxy-256k": "HAProxy\n256K buf"}
 
@@ -92,10 +93,13 @@ def render(results: dict[str, Any], out: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("results", type=Path, help="a JSON file written by bench/run_all.py")
-    parser.add_argument("-o", "--out", type=Path, help="PNG path (default: docs/bench-<date>.png)")
+    parser.add_argument("-o", "--out", type=Path,
+                        help="PNG path (default: docs/bench-<date>.png, or bench-<date>-<HHMM>.png when that exists)")
     args = parser.parse_args(argv)
     results = json.loads(args.results.read_text())
     out = args.out or Path(__file__).resolve().parents[1] / "docs" / f"bench-{results['date']}.png"
+    if not args.out and out.exists():  # a chart docs/ links already: never redraw over it
+        out = out.with_name(f"bench-{results['date']}-{results['time'][11:16].replace(':', '')}.png")
     print(render(results, out))
     return 0
 

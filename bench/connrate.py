@@ -302,17 +302,23 @@ def opcount(bench: workloads.Bench, backends: dict[str, int], tmp: Path, mode: s
         while not out.exists() and time.monotonic() < deadline:
             time.sleep(0.2)
         time.sleep(0.5)
-        rows = json.loads(out.read_text())
+        counted = json.loads(out.read_text())
     finally:
         target.stop()
         shutil.rmtree(outdir, ignore_errors=True)
     ok = r["ok"] or 1
+    rows = counted["functions"]
     total = sum(row["opcodes"] for row in rows)
     label = f"{mode}{' BASE' if tree else ''}"
     log(f"  {label}: {total / ok:.0f} Python bytecodes per connection ({r['ok']} connections)")
     for row in rows[:args.top]:
         where = row["file"].replace(str(REPO) + "/", "").replace(str(tree) + "/" if tree else "\0", "")
         log(f"    {row['opcodes'] / ok:8.1f}  {where}:{row['function']}")
+    if args.opcount_lines:
+        log(f"  {label}: the busiest lines")
+        for row in counted["lines"][:args.opcount_lines]:
+            where = row["file"].replace(str(REPO) + "/", "")
+            log(f"    {row['opcodes'] / ok:8.1f}  {where}:{row['line']}")
     return {"per_conn": total / ok, "rows": rows, "ok": ok}
 
 
@@ -356,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--perf", type=Path, help="directory for a `perf record -g` round per mode (kernel and user)")
     p.add_argument("--opcount", action="store_true",
                    help="count Python bytecodes per connection (bench/opcount.py; with --compare, both trees)")
+    p.add_argument("--opcount-lines", type=int, default=0, help="with --opcount: also print this many busiest lines")
     p.add_argument("--cprofile", type=Path, help="directory for a cProfile round per mode (call counts)")
     p.add_argument("--compare", type=Path,
                    help="another source tree (holding sniproxy/) to run interleaved with this one, as BASE")

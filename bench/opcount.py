@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Runs `python -m sniproxy ARGS...` with every Python bytecode it executes counted, per function.
 The first SIGUSR2 zeroes the counts (after start-up and warm-up), the second writes them to the
-JSON file named by $SNIPROXY_OPCOUNT_OUT.
+JSON file named by $SNIPROXY_OPCOUNT_OUT (per function, and for the 200 busiest lines).
 
 Time on this shared machine moves 15-30% between runs; the number of bytecodes a connection runs
 does not, so this is how bench/connrate.py --opcount compares two versions of the per-connection
@@ -17,6 +17,7 @@ import signal
 import sys
 
 counts: collections.Counter[tuple[str, str]] = collections.Counter()
+offsets: collections.Counter[tuple[object, int]] = collections.Counter()  # (code, f_lasti): cheap to take
 
 
 def _tracer(frame, event, arg):  # noqa: ANN001, ANN202
@@ -27,13 +28,19 @@ def _tracer(frame, event, arg):  # noqa: ANN001, ANN202
     if event == "opcode":
         code = frame.f_code
         counts[(code.co_filename, code.co_qualname)] += 1
+        offsets[(code, frame.f_lasti)] += 1
     return _tracer
 
 
 def _write(out: str) -> None:
     rows = [{"file": f, "function": q, "opcodes": n} for (f, q), n in counts.most_common()]
+    lines: collections.Counter[tuple[str, int]] = collections.Counter()
+    for (code, offset), n in offsets.items():
+        line = next((ln for start, end, ln in code.co_lines() if start <= offset < end), 0)  # type: ignore[attr-defined]
+        lines[(code.co_filename, line or 0)] += n  # type: ignore[attr-defined]
+    by_line = [{"file": f, "line": n, "opcodes": c} for (f, n), c in lines.most_common(200)]
     with open(out, "w") as f:
-        json.dump(rows, f)
+        json.dump({"functions": rows, "lines": by_line}, f)
 
 
 def main() -> None:
@@ -44,7 +51,9 @@ def main() -> None:
         marks.append(signum)
         if len(marks) == 1:
             counts.clear()
+            offsets.clear()
         else:
+            sys.settrace(None)  # the counting ends here, and _write's own work is not counted
             _write(out)
 
     signal.signal(signal.SIGUSR2, on_usr2)
