@@ -14,6 +14,7 @@ import select
 import socket
 import time
 from _socket import socket as raw_socket
+from time import monotonic
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -222,7 +223,7 @@ class Connection:
 
     @state.setter
     def state(self, state: State) -> None:
-        now = time.monotonic()
+        now = monotonic()
         entered = self.entered
         left = self._state._value_  # not .value: an enum property, measurably slower on 3.11
         if left in _HELD_KEPT:
@@ -681,7 +682,8 @@ class Connection:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 # Registered BEFORE connect(): the kernel captures the backend's end of a local
                 # backend's connection when it becomes ESTABLISHED, before the backend can accept().
-                self._ticket = self._shortcut_ticket(sock, target)
+                if self.relay.shortcut is not None:
+                    self._ticket = self._shortcut_ticket(sock, target)
             # `address` is an IP literal (Resolver's contract): no name lookup happens here.
             err = sock.connect_ex(target)
         except OSError as exc:
@@ -816,7 +818,7 @@ class Connection:
             return
         if self._unix:
             result.fallback_reason = UNIX_COPY_REASON
-        self._end(result.outcome.value, None, result)
+        self._end(result.outcome._value_, None, result)  # not .value: an enum property, slower
 
     def _send_alert(self, description: tls.AlertDescription) -> None:
         if self.client is None:

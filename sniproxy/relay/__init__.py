@@ -42,6 +42,9 @@ class Relay:
         self.shortcut = None
         self.mode = "copy" if table is None else "splice"
         self.splice_after = splice_after
+        # splice_after = 0: every pair goes to the kernel as soon as the first bytes are written. An
+        # attribute, not a property: every connection asks (fixed for the Relay's life).
+        self.handoff_at_once = table is not None and splice_after == 0
         self._buffer: bytearray | None = None
         self._watcher = None
         self._workers = (0, 1)
@@ -52,10 +55,6 @@ class Relay:
             self.sndbuf = DEFAULT_SNDBUF if sndbuf is None else sndbuf
             self.rcvbuf = HANDOFF_RCVBUF if rcvbuf is None else rcvbuf
 
-    @property
-    def handoff_at_once(self) -> bool:
-        """splice_after = 0: every pair goes to the kernel as soon as the first bytes are written."""
-        return self.table is not None and self.splice_after == 0
 
     def use_worker(self, index: int, workers: int = 1) -> None:
         """Called once in a worker process ([server] workers), after the fork, before relaying: pairs
