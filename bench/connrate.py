@@ -147,6 +147,32 @@ def _one_rate(bench: workloads.Bench, backends: dict[str, int], workdir: Path, m
     return r
 
 
+def rate_watched(bench: workloads.Bench, backends: dict[str, int], workdir: Path, mode: str,
+                 args: argparse.Namespace, tool: Any) -> dict[str, Any]:
+    """One rate round of a fresh proxy with a tool attached to it (py-spy, strace, perf):
+    tool(target) gives the tool's argv; it is stopped with SIGINT (so it writes its output) before
+    the proxy stops. The rate workload's result."""
+    target = _Ours(mode == "splice", args.access_log)
+    workdir.mkdir()
+    try:
+        target.start(workdir, backends, 1000)
+        workloads.warm_up(bench, target)
+        watcher = subprocess.Popen(tool(target), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   start_new_session=True)
+        try:
+            time.sleep(1.0)  # the tool attaches
+            return workloads.rate(bench, target, args.seconds, args.clients, args.threads)
+        finally:
+            watcher.send_signal(signal.SIGINT)
+            try:
+                watcher.wait(60)
+            except subprocess.TimeoutExpired:
+                watcher.kill()
+                watcher.wait()
+    finally:
+        target.stop()
+
+
 def run_mode(bench: workloads.Bench, backends: dict[str, int], tmp: Path, mode: str,
              args: argparse.Namespace) -> dict[str, Any]:
     results = []
@@ -167,28 +193,10 @@ def run_mode(bench: workloads.Bench, backends: dict[str, int], tmp: Path, mode: 
             f"(user {r['proxy_user_us_per_conn']:.0f}, sys {r['proxy_sys_us_per_conn']:.0f}), "
             f"errors {r['errors']}, others {r['cpu']['others_pct']:.0f}%")
     if args.profile:
-        target = _Ours(mode == "splice", args.access_log)
-        workdir = tmp / f"{mode}-profile"
-        workdir.mkdir()
         out = args.profile / f"{mode}.txt"
-        try:
-            target.start(workdir, backends, 1000)
-            workloads.warm_up(bench, target)
-            spy = subprocess.Popen([_pyspy(), "record", *([] if args.no_native else ["--native"]), "--format", "raw", "--rate",
-                                    str(args.profile_rate), "--pid", str(target.proc.pid), "-o", str(out)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-            try:
-                time.sleep(1.0)  # py-spy attaches
-                workloads.rate(bench, target, args.seconds, args.clients, args.threads)
-            finally:
-                spy.send_signal(signal.SIGINT)
-                try:
-                    spy.wait(30)
-                except subprocess.TimeoutExpired:
-                    spy.kill()
-                    spy.wait()
-        finally:
-            target.stop()
+        rate_watched(bench, backends, tmp / f"{mode}-profile", mode, args, lambda target: [
+            _pyspy(), "record", *([] if args.no_native else ["--native"]), "--format", "raw", "--rate",
+            str(args.profile_rate), "--pid", str(target.proc.pid), "-o", str(out)])
         if out.exists():
             summary = summarize(out, args.top)
             (args.profile / f"{mode}-summary.txt").write_text(summary)
@@ -219,23 +227,9 @@ def syscall_counts(bench: workloads.Bench, backends: dict[str, int], tmp: Path, 
                    args: argparse.Namespace) -> None:
     """One extra round under `strace -c -f`: system calls per connection, all threads (strace slows
     the proxy down a lot: only the counts mean something, not the times)."""
-    target = _Ours(mode == "splice", args.access_log)
-    workdir = tmp / f"{mode}-strace"
-    workdir.mkdir()
-    out = workdir / "strace.txt"
-    try:
-        target.start(workdir, backends, 1000)
-        workloads.warm_up(bench, target)
-        strace = subprocess.Popen(["strace", "-c", "-f", "-o", str(out), "-p", str(target.proc.pid)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        try:
-            time.sleep(1.0)
-            r = workloads.rate(bench, target, args.seconds, args.clients, args.threads)
-        finally:
-            strace.send_signal(signal.SIGINT)
-            strace.wait(30)
-    finally:
-        target.stop()
+    out = tmp / f"{mode}-strace.txt"
+    r = rate_watched(bench, backends, tmp / f"{mode}-strace", mode, args,
+                     lambda target: ["strace", "-c", "-f", "-o", str(out), "-p", str(target.proc.pid)])
     ok = r["ok"] or 1
     log(f"  {mode} system calls per connection ({r['ok']} connections under strace):")
     for line in out.read_text().splitlines():
@@ -254,23 +248,8 @@ def perf_profile(bench: workloads.Bench, backends: dict[str, int], tmp: Path, mo
     user, by symbol (the kernel side is what py-spy cannot see: loopback TCP run inside our calls)."""
     args.perf.mkdir(parents=True, exist_ok=True)
     data = args.perf / f"{mode}.perf.data"
-    target = _Ours(mode == "splice", args.access_log)
-    workdir = tmp / f"{mode}-perf"
-    workdir.mkdir()
-    try:
-        target.start(workdir, backends, 1000)
-        workloads.warm_up(bench, target)
-        perf = subprocess.Popen(["perf", "record", "-q", "-g", "-F", "2000", "-o", str(data), "-p",
-                                 ",".join(str(p) for p in target.pids())],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        try:
-            time.sleep(1.0)
-            r = workloads.rate(bench, target, args.seconds, args.clients, args.threads)
-        finally:
-            perf.send_signal(signal.SIGINT)
-            perf.wait(60)
-    finally:
-        target.stop()
+    r = rate_watched(bench, backends, tmp / f"{mode}-perf", mode, args, lambda target: [
+        "perf", "record", "-q", "-g", "-F", "2000", "-o", str(data), "-p", ",".join(str(p) for p in target.pids())])
     report = subprocess.run(["perf", "report", "-i", str(data), "--no-children", "--sort", "sym",
                              "--stdio", "-g", "none", "--percent-limit", "0.7"],
                             capture_output=True, text=True).stdout
