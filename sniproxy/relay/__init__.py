@@ -55,7 +55,6 @@ class Relay:
             self.sndbuf = DEFAULT_SNDBUF if sndbuf is None else sndbuf
             self.rcvbuf = HANDOFF_RCVBUF if rcvbuf is None else rcvbuf
 
-
     def use_worker(self, index: int, workers: int = 1) -> None:
         """Called once in a worker process ([server] workers), after the fork, before relaying: pairs
         handed off here wake this worker's ring and use its share of the slots."""
