@@ -290,14 +290,17 @@ def opcount(bench: workloads.Bench, backends: dict[str, int], tmp: Path, mode: s
     total = sum(row["opcodes"] for row in rows)
     label = f"{mode}{' BASE' if tree else ''}"
     log(f"  {label}: {total / ok:.0f} Python bytecodes per connection ({r['ok']} connections)")
+    roots = [f"{root}/" for root in (REPO, tree) if root is not None]
+
+    def short(path: str) -> str:  # sniproxy/... whichever tree ran
+        return next((path[len(root):] for root in roots if path.startswith(root)), path)
+
     for row in rows[:args.top]:
-        where = row["file"].replace(str(REPO) + "/", "").replace(str(tree) + "/" if tree else "\0", "")
-        log(f"    {row['opcodes'] / ok:8.1f}  {where}:{row['function']}")
+        log(f"    {row['opcodes'] / ok:8.1f}  {short(row['file'])}:{row['function']}")
     if args.opcount_lines:
         log(f"  {label}: the busiest lines")
         for row in counted["lines"][:args.opcount_lines]:
-            where = row["file"].replace(str(REPO) + "/", "")
-            log(f"    {row['opcodes'] / ok:8.1f}  {where}:{row['line']}")
+            log(f"    {row['opcodes'] / ok:8.1f}  {short(row['file'])}:{row['line']}")
     return {"per_conn": total / ok, "rows": rows, "ok": ok}
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import enum
 import re
 import struct
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 __all__ = [
     "NEED_DATA",
@@ -220,10 +220,7 @@ class ClientHelloReader:
         if host is not None:
             name = _valid_names.get(host)
             if name is None:
-                name = _validate_hostname(host)
-                if len(_valid_names) >= _MEMO_SIZE:
-                    _valid_names.clear()
-                _valid_names[host] = name
+                name = _remember(_valid_names, host, _validate_hostname(host))
         else:
             name = None
         return ClientHello(sni=name, alpn=protocols, legacy_version=version, record_bytes=record_end)
@@ -433,6 +430,14 @@ _valid_names: dict[bytes, str] = {}
 _alpn_lists: dict[bytes, tuple[str, ...]] = {}
 
 
+def _remember(memo: dict, key: bytes, value: Any) -> Any:  # type: ignore[type-arg]
+    """value, stored under key; a full memo is emptied first (cheaper than evicting one by one)."""
+    if len(memo) >= _MEMO_SIZE:
+        memo.clear()
+    memo[key] = value
+    return value
+
+
 def _fast_alpn(b: bytes, pos: int, end: int) -> tuple[str, ...] | None:
     """The protocol names of an ALPN extension b[pos:end] without GREASE, or None if anything in it
     is not plainly valid."""
@@ -444,9 +449,7 @@ def _fast_alpn(b: bytes, pos: int, end: int) -> tuple[str, ...] | None:
         names = _scan_alpn(b, pos, end)
         if names is None:
             return None
-        if len(_alpn_lists) >= _MEMO_SIZE:
-            _alpn_lists.clear()
-        _alpn_lists[raw] = names
+        _remember(_alpn_lists, raw, names)
     return names
 
 
