@@ -160,7 +160,7 @@ def _run_workers(config: Config, workers: int, user: Account) -> int:
             with open_xdp(config.xdp, config.ebpf.pin_dir, ports) as xdp, \
                     open_dns_cache(config.ebpf, config.resolver) as dns_cache, \
                     _metrics(config, relay, xdp, dns_cache, workers):
-                sockets = WorkerSockets(config.listeners, workers)
+                sockets = WorkerSockets(config.listeners)
                 # What a worker started from now on serves: the last file whose listeners were bound.
                 current = [config]
                 gated = frozenset(ports) if xdp is not None else None
@@ -170,7 +170,7 @@ def _run_workers(config: Config, workers: int, user: Account) -> int:
                     def serve(index: int, channel: int, inbox: int) -> int:
                         # Worker 0 alone applies xdp.allow on reload: one writer for the shared list.
                         return _serve_worker(current[0], relay, xdp if index == 0 else None, dns_cache,
-                                             [sock for _, sock in sockets.for_worker(index)], index,
+                                             [sock for _, sock in sockets.shared()], index,
                                              workers, channel, inbox)
 
                     def reconfigure() -> str | None:

@@ -154,7 +154,7 @@ class LogConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    # Processes serving the listeners (SO_REUSEPORT, one listening socket each): an int, or "auto"
+    # Processes serving the listeners (all accept on the same listening sockets): an int, or "auto"
     # for one per CPU this process may run on. 1 runs everything in one process, no fork.
     workers: int | str = 1
     # Every process of the proxy runs as this user once listeners are bound and BPF objects loaded

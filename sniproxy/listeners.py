@@ -1,5 +1,5 @@
-# Owns where listening sockets come from: bound here (one process), bound per worker with
-# SO_REUSEPORT by a supervisor (WorkerSockets), or handed by that supervisor to a worker over a unix
+# Owns where listening sockets come from: bound here (one process), bound once by a supervisor and
+# shared by all its workers (WorkerSockets), or handed by that supervisor to a worker over a unix
 # socket with SCM_RIGHTS (offer / WorkerInbox) when a reload adds listeners.
 # Invariant: acquire() is all or nothing: one socket per listener asked for, in order, or ListenerError
 # with nothing left open; every socket offered and not taken is closed by the taker.
@@ -21,7 +21,6 @@ __all__ = [
     "WorkerInbox",
     "WorkerSockets",
     "bind_listener",
-    "bind_worker_listeners",
     "listener_name",
     "offer",
     "ungated",
@@ -40,46 +39,21 @@ def listener_name(listener: ListenerConfig) -> str:
     return str(listener.bind)  # "127.0.0.1:8443" / "[::1]:8443", as Address prints itself
 
 
-def bind_listener(listener: ListenerConfig, backlog: int = 4096, *, reuse_port: bool = False,
-                  port: int | None = None, listen: bool = True) -> socket.socket:
+def bind_listener(listener: ListenerConfig, backlog: int = 4096) -> socket.socket:
     family = socket.AF_INET6 if ":" in listener.bind.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             # "[::]" means IPv6 only; an IPv4 listener is configured separately, so both can coexist.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((listener.bind.host, listener.bind.port if port is None else port))
-        if listen:
-            sock.listen(backlog)
+        sock.bind((listener.bind.host, listener.bind.port))
+        sock.listen(backlog)
         sock.setblocking(False)
     except BaseException:
         sock.close()
         raise
     return sock
-
-
-def bind_worker_listeners(listeners: Sequence[ListenerConfig], workers: int) -> list[list[socket.socket]]:
-    """One SO_REUSEPORT listening socket per listener for each worker (the kernel spreads new
-    connections over them); all or nothing. SO_REUSEPORT would also let this process share a port
-    with another proxy started by the same user, silently: a plain bind first proves the port free
-    (and fixes the port when the config says 0)."""
-    sets: list[list[socket.socket]] = [[] for _ in range(workers)]
-    try:
-        for listener in listeners:
-            probe = bind_listener(listener, listen=False)  # EADDRINUSE if anything listens there
-            port = probe.getsockname()[1]
-            probe.close()
-            for socks in sets:
-                socks.append(bind_listener(listener, reuse_port=True, port=port))
-    except BaseException:
-        for socks in sets:
-            for sock in socks:
-                sock.close()
-        raise
-    return sets
 
 
 def _why(listener: ListenerConfig, exc: OSError) -> str:
@@ -126,59 +100,57 @@ class LocalBinder:
 
 
 class WorkerSockets:
-    """The supervisor's listening sockets: for each worker, one SO_REUSEPORT socket per listener of
-    the running config. update() follows a reloaded file (bind the new, close the removed)."""
+    """The supervisor's listening sockets: one per listener of the running config, shared by every
+    worker (inherited at fork, or offered on reload). One accept queue per listener: whichever worker
+    is free takes the next connection. Per-worker SO_REUSEPORT sockets were measured against it
+    (`make bench`, rate workload, 2 workers): the kernel's hash queues a connection behind a busy
+    worker while the other idles, 0.50x nginx's connections/s and p99 2.4x, against 0.65x and 1.4x
+    shared. A dead or stalled worker's share is also served by the others at once. update() follows
+    a reloaded file (bind the new, close the removed)."""
 
-    def __init__(self, listeners: Sequence[ListenerConfig], workers: int) -> None:
+    def __init__(self, listeners: Sequence[ListenerConfig]) -> None:
         self.listeners = tuple(listeners)
-        sets = bind_worker_listeners(self.listeners, workers)
-        names = [listener_name(lst) for lst in self.listeners]
-        self._sets = [dict(zip(names, socks, strict=True)) for socks in sets]
+        self._sockets: dict[str, socket.socket] = {}
+        try:
+            for listener in self.listeners:
+                self._sockets[listener_name(listener)] = bind_listener(listener)
+        except BaseException:
+            self.close()
+            raise
 
-    def for_worker(self, index: int) -> list[tuple[str, socket.socket]]:
-        """(name, socket) for each running listener, in config order."""
-        return list(self._sets[index].items())
+    def shared(self) -> list[tuple[str, socket.socket]]:
+        """(name, socket) for each running listener, in config order: every worker's."""
+        return list(self._sockets.items())
 
     def update(self, listeners: Sequence[ListenerConfig]) -> tuple[list[str], list[str]]:
-        """Bind every worker's socket for each new listener (all or nothing, ListenerError), then
-        close the sockets of the listeners gone. Returns (added, removed) names."""
-        old = {listener_name(lst) for lst in self.listeners}
-        new = [lst for lst in listeners if listener_name(lst) not in old]
+        """Bind a socket for each new listener (all or nothing, ListenerError), then close the sockets
+        of the listeners gone. Returns (added, removed) names."""
+        new = [lst for lst in listeners if listener_name(lst) not in self._sockets]
         wanted = {listener_name(lst) for lst in listeners}
-        removed = [name for name in self._sets[0] if name not in wanted] if self._sets else []
-        sets: list[list[socket.socket]] = [[] for _ in self._sets]
+        removed = [name for name in self._sockets if name not in wanted]
+        bound: dict[str, socket.socket] = {}
         try:
             for listener in new:
                 try:
-                    one = bind_worker_listeners([listener], len(self._sets))
+                    bound[listener_name(listener)] = bind_listener(listener)
                 except OSError as exc:
                     raise ListenerError(_why(listener, exc)) from None
-                for socks, sock in zip(sets, one, strict=True):
-                    socks.extend(sock)
         except BaseException:
-            for socks in sets:
-                for sock in socks:
-                    sock.close()
+            for sock in bound.values():
+                sock.close()
             raise
-        for index, socks in enumerate(sets):
-            current = self._sets[index]
-            for name in removed:
-                current.pop(name).close()
-            added = dict(zip((listener_name(lst) for lst in new), socks, strict=True))
-            # Config order, so a restarted worker's sockets line up with its config's listeners.
-            merged = {**current, **added}
-            self._sets[index] = {listener_name(lst): merged[listener_name(lst)] for lst in listeners}
+        for name in removed:
+            self._sockets.pop(name).close()
+        merged = {**self._sockets, **bound}
+        # Config order, so a restarted worker's sockets line up with its config's listeners.
+        self._sockets = {listener_name(lst): merged[listener_name(lst)] for lst in listeners}
         self.listeners = tuple(listeners)
-        return [listener_name(lst) for lst in new], removed
+        return list(bound), removed
 
     def close(self) -> None:
-        for current in self._sets:
-            for sock in current.values():
-                sock.close()
-            current.clear()
-
-    def all(self) -> list[list[socket.socket]]:
-        return [list(current.values()) for current in self._sets]
+        for sock in self._sockets.values():
+            sock.close()
+        self._sockets.clear()
 
 
 def offer(fd: int, generation: int, sockets: Sequence[tuple[str, socket.socket]]) -> None:

@@ -109,8 +109,8 @@ class _Worker:
 @dataclass
 class Supervisor:
     """Forks `count` workers; `serve(index, channel_fd, inbox_fd)` runs in each child and returns its
-    exit code. `sockets.for_worker(index)` are that worker's listening sockets (the others' are
-    closed in the child); `inbox_fd` receives the sockets of listeners a reload adds."""
+    exit code. `sockets.shared()` are the listening sockets every worker accepts on; `inbox_fd`
+    receives the sockets of listeners a reload adds."""
 
     count: int
     sockets: WorkerSockets
@@ -249,7 +249,7 @@ class Supervisor:
         for worker in self._workers:
             if worker.pid and worker.inbox >= 0:
                 try:
-                    offer(worker.inbox, self._generation, self.sockets.for_worker(worker.index))
+                    offer(worker.inbox, self._generation, self.sockets.shared())
                 except OSError as exc:
                     log.error("listener_offer_failed", worker=worker.index, error=str(exc))
         for worker in self._workers:
@@ -346,10 +346,6 @@ class Supervisor:
                 os.close(worker.channel)
             if worker.inbox >= 0:
                 os.close(worker.inbox)
-        for other, socks in enumerate(self.sockets.all()):
-            if other != index:
-                for sock in socks:
-                    sock.close()
         structlog.contextvars.bind_contextvars(worker=index)
 
     def _kill(self, worker: _Worker, sig: int) -> None:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
+import subprocess
 import urllib.request
 from collections import defaultdict
 from collections.abc import Iterator
@@ -18,6 +20,7 @@ from tests.conftest import free_port
 from tests.support import configs
 from tests.support.backends import DataBackend, pattern_chunks, pattern_digest, real_client_hello
 from tests.support.prometheus import PrometheusServer, promtool_check_metrics
+from tests.support.workers import until_every_worker_served
 
 WORKERS = "\n[server]\nworkers = 2\n"
 SNI = "data.test"
@@ -215,32 +218,37 @@ async def test_a_killed_worker_keeps_its_counts_and_drops_its_open_connections(s
 
         done = asyncio.Event()
         done.set()
-        first = await asyncio.gather(*(exact_client(port, 1000, 2000, i, done) for i in range(10)))
-        assert len(first) == 10
-        first_events = await proxy.access(count=10)
-        # The worker about to be killed served some of them (SO_REUSEPORT's hash: 1 in 2^10 fails).
-        assert any(e["worker"] == 0 for e in first_events)
-        await asyncio.to_thread(prom.wait_value, "sum(sniproxy_connections_total)", lambda v: v == 10)
+
+        async def burst() -> int:
+            assert len(await asyncio.gather(*(exact_client(port, 1000, 2000, i, done) for i in range(10)))) == 10
+            return 10
+
+        # Whichever worker is killed below, it served some of these first.
+        served = len(await until_every_worker_served(proxy, burst))
+        await asyncio.to_thread(prom.wait_value, "sum(sniproxy_connections_total)", lambda v: v == served)
 
         hold = asyncio.Event()
         held = [asyncio.create_task(exact_client(port, 1000, 2000, 100 + i, hold)) for i in range(12)]
         await _until(lambda: total(samples(scrape(metrics_port)), "sniproxy_connections_active") == 12,
                      what="12 active connections")
-        victim = started["pids"][0]
+        # The victim: the worker holding most of them (which worker accepted each is a race).
+        holding = _holders(port)
+        assert sum(holding.values()) == 12 and set(holding) <= set(started["pids"]), holding
+        victim = max(holding, key=holding.__getitem__)
         os.kill(victim, signal.SIGKILL)
         (restarted,) = await proxy.until(lambda e: e.get("event") == "worker_restarted")
         hold.set()
         results = await asyncio.gather(*held, return_exceptions=True)
         lost = sum(1 for r in results if isinstance(r, BaseException))
-        assert 0 < lost < 12, results  # the kernel hashed some to each worker (1 in 2^11 fails)
+        assert lost == holding[victim], (holding, results)  # exactly the victim's
         await asyncio.to_thread(prom.wait_value, "sum(sniproxy_connections_active)", lambda v: v == 0)
         # The dead worker's finished connections still count; the ones it took down with it were
         # never counted as ended (it died before their access-log event), the survivors' were.
         await asyncio.to_thread(prom.wait_value, "sum(sniproxy_connections_total)",
-                                lambda v: v == 10 + (12 - lost))
+                                lambda v: v == served + (12 - lost))
         s = samples(scrape(metrics_port))
         assert total(s, "sniproxy_worker_restarts_total") == 1
-        assert total(s, "sniproxy_connections_total") == 10 + (12 - lost)
+        assert total(s, "sniproxy_connections_total") == served + (12 - lost)
         assert total(s, "sniproxy_connections_active") == 0
 
         # SIGHUP: each worker reloads and counts; a broken file is counted as a failure by each.
@@ -253,9 +261,20 @@ async def test_a_killed_worker_keeps_its_counts_and_drops_its_open_connections(s
         await asyncio.to_thread(prom.wait_value, 'sum(sniproxy_reloads_total{result="failure"})',
                                 lambda v: v == 2)
         await asyncio.to_thread(prom.wait_value, "max(sniproxy_last_reload_failed)", lambda v: v == 1)
-        assert restarted["worker"] == 0
+        assert restarted["worker"] == started["pids"].index(victim)
     finally:
         await backend.close()
+
+
+def _holders(port: int) -> dict[int, int]:
+    """pid -> how many established client connections to `port` it holds (ss -p)."""
+    out = subprocess.run(["ss", "-Htnp", "state", "established", f"( sport = :{port} )"],
+                         capture_output=True, text=True, check=True).stdout
+    holding: dict[int, int] = {}
+    for line in out.splitlines():
+        for pid in set(re.findall(r"pid=(\d+)", line)):
+            holding[int(pid)] = holding.get(int(pid), 0) + 1
+    return holding
 
 
 async def test_connections_refused_over_the_limit_are_counted(start_proxy):

@@ -129,7 +129,7 @@ def test_local_binder_is_all_or_nothing():
 
 def test_worker_sockets_follow_the_listeners_all_or_nothing():
     a, b, c = free_port(), free_port(), free_port()
-    sockets = WorkerSockets([listener(a), listener(b)], 2)
+    sockets = WorkerSockets([listener(a), listener(b)])
     try:
         blocker = listening(c)
         try:
@@ -137,15 +137,33 @@ def test_worker_sockets_follow_the_listeners_all_or_nothing():
                 sockets.update([listener(a), listener(c)])
         finally:
             blocker.close()
-        # Nothing changed: b still listens in both sets.
-        assert [[s.getsockname()[1] for s in socks] for socks in sockets.all()] == [[a, b], [a, b]]
+        # Nothing changed: a and b still listen.
+        assert [s.getsockname()[1] for _, s in sockets.shared()] == [a, b]
         added, removed = sockets.update([listener(c), listener(a)])
         assert (added, removed) == ([f"127.0.0.1:{c}"], [f"127.0.0.1:{b}"])
         # Config order, for a worker started from the new file.
-        assert [name for name, _ in sockets.for_worker(1)] == [f"127.0.0.1:{c}", f"127.0.0.1:{a}"]
+        assert [name for name, _ in sockets.shared()] == [f"127.0.0.1:{c}", f"127.0.0.1:{a}"]
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", b), timeout=5)
         socket.create_connection(("127.0.0.1", c), timeout=5).close()
+    finally:
+        sockets.close()
+
+
+def test_worker_sockets_are_plain_binds_a_second_binder_is_refused():
+    """No SO_REUSEPORT: another process of the same user cannot join the port and take clients."""
+    a = free_port()
+    sockets = WorkerSockets([listener(a)])
+    try:
+        ((_, sock),) = sockets.shared()
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 0
+        with pytest.raises(OSError, match="Address already in use"):
+            WorkerSockets([listener(a)])
+        intruder = socket.socket()
+        intruder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        with pytest.raises(OSError, match="Address already in use"):
+            intruder.bind(("127.0.0.1", a))
+        intruder.close()
     finally:
         sockets.close()
 
