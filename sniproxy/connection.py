@@ -52,6 +52,11 @@ def access_level(outcome: str) -> str:
     return "error" if outcome in _ERROR_OUTCOMES else "warning" if outcome in _WARNING_OUTCOMES else "info"
 
 _RECV_SIZE = 65536
+# SOCK_NONBLOCK: a backend socket is non-blocking from birth, no separate ioctl.
+_STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+_CONNECT_PENDING = (errno.EINPROGRESS, errno.EINTR)
+_AF_UNIX, _AF_INET, _AF_INET6 = socket.AF_UNIX, socket.AF_INET, socket.AF_INET6
+_IPPROTO_TCP, _TCP_NODELAY = socket.IPPROTO_TCP, socket.TCP_NODELAY
 # The copy engine's masks (relay.copy): a client watched for its hello keeps its registration.
 _IN, _OUT = select.EPOLLIN | select.EPOLLRDHUP, select.EPOLLOUT
 # After an HTTP error answer: how long and how much of the client's remaining request to read and drop.
@@ -183,6 +188,11 @@ class Connection:
     # that connect fails or the connection ends before relaying.
     _ticket: Any = None
     _shortcut_refused: str | None = None  # why a local backend was not registered
+    # For the phase metrics, by State value: when it was last entered, and how long RESOLVING and
+    # CONNECTING were held the last time they were left (a route with several backends may resolve
+    # and connect again). None when metrics are off: then no phase reads the clock.
+    entered: dict[str, float] | None = None
+    held: dict[str, float] | None = None
 
     def __init__(
         self,
@@ -208,11 +218,9 @@ class Connection:
         self.loop = loop
         self.on_done = on_done
         self.started = time.monotonic()
-        # For the phase metrics, by State value: when it was last entered, and how long RESOLVING and
-        # CONNECTING were held the last time they were left (a route with several backends may
-        # resolve and connect again).
-        self.entered: dict[str, float] = {State.ACCEPTED.value: self.started}
-        self.held: dict[str, float] = {}
+        if metrics.enabled():
+            self.entered = {State.ACCEPTED.value: self.started}
+            self.held = {}
         self._state = State.ACCEPTED
         self.buffered = bytearray()
         self._failures: list[_Rejected] = []
@@ -223,13 +231,14 @@ class Connection:
 
     @state.setter
     def state(self, state: State) -> None:
-        now = monotonic()
         entered = self.entered
-        left = self._state._value_  # not .value: an enum property, measurably slower on 3.11
-        if left in _HELD_KEPT:
-            self.held[left] = now - entered[left]
+        if entered is not None:
+            now = monotonic()
+            left = self._state._value_  # not .value: an enum property, measurably slower on 3.11
+            if left in _HELD_KEPT:
+                self.held[left] = now - entered[left]  # type: ignore[index]
+            entered[state._value_] = now
         self._state = state
-        entered[state._value_] = now
 
     # -- driving ---------------------------------------------------------------------------------
 
@@ -259,7 +268,8 @@ class Connection:
     def start(self) -> None:
         if self.loop is None:
             self.loop = asyncio.get_running_loop()
-        metrics.connection_opened(self.listener)
+        if self.entered is not None:  # metrics on (they count it closed in _end, on the same test)
+            metrics.connection_opened(self.listener)
         self._step(self._begin)
 
     def cancel(self) -> None:
@@ -351,7 +361,8 @@ class Connection:
             self.balancer.released(self._balanced)
         self._log(outcome, reason, result)
         self.state = State.CLOSED
-        metrics.connection_closed(self, outcome, result, self.entered["closed"])
+        if self.entered is not None:
+            metrics.connection_closed(self, outcome, result, self.entered["closed"])
         if self.on_done is not None:
             self.on_done(self)
 
@@ -666,20 +677,17 @@ class Connection:
             raise _Rejected("connect_failed", "; ".join(self._address_errors))
         self._address_index += 1
         address = self._addresses[index]
-        if self._address_family == socket.AF_UNIX:
-            family, target = socket.AF_UNIX, address
+        if self._address_family == _AF_UNIX:
+            family, target = _AF_UNIX, address
         else:
-            family = socket.AF_INET6 if ":" in address else socket.AF_INET
+            family = _AF_INET6 if ":" in address else _AF_INET
             target = (address, self._port)
             self.backend_address = target
-        now = self.loop.time()
-        share_ends = now + (self._target_deadline - now) / (len(self._addresses) - index)
-        # SOCK_NONBLOCK: non-blocking from birth, no separate ioctl. The C socket type, as the
-        # server's accepted sockets (server._accept).
-        sock = raw_socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        # The C socket type, as the server's accepted sockets (server._accept).
+        sock = raw_socket(family, _STREAM_NONBLOCK)
         try:
-            if family != socket.AF_UNIX:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if family != _AF_UNIX:
+                sock.setsockopt(_IPPROTO_TCP, _TCP_NODELAY, 1)
                 # Registered BEFORE connect(): the kernel captures the backend's end of a local
                 # backend's connection when it becomes ESTABLISHED, before the backend can accept().
                 if self.relay.shortcut is not None:
@@ -697,7 +705,7 @@ class Connection:
         if err == 0:
             self._connected(sock, 0)
             return
-        if err not in (errno.EINPROGRESS, errno.EINTR):
+        if err not in _CONNECT_PENDING:
             self._drop_attempt(sock)
             self._address_failed(os.strerror(err))
             return
@@ -716,7 +724,10 @@ class Connection:
         except (BlockingIOError, InterruptedError):
             self._connecting = sock
             self._watch(sock, _OUT, self._on_connect_event)
-            self._set_timer(share_ends, self._connect_timeout)
+            # This address's share of the time left for the target: the rest is for the ones after it.
+            now = self.loop.time()
+            self._set_timer(now + (self._target_deadline - now) / (len(self._addresses) - index),
+                            self._connect_timeout)
             return
         except OSError as exc:
             self._drop_attempt(sock)
@@ -795,16 +806,17 @@ class Connection:
             if self.balancer.connected(target):
                 log.info("backend_up", backend=str(target), by="connection")
             self._balanced = target
-        self._tried = [f.reason for f in self._failures]
+        if self._failures:
+            self._tried = [f.reason for f in self._failures]
         self.state = State.RELAYING
-        first = self._first_bytes()
+        first = self._first if self._first is not None else self._first_bytes()
         client, self.client = self.client, None
         assert client is not None and self.loop is not None
         # The relay owns the registration from here on and releases it after both sockets closed.
         ticket, self._ticket = self._ticket, None
         relay = self.relay
-        self._unix = self._address_family == socket.AF_UNIX and relay.mode != _UNIX_COPY.mode
-        if self._unix:
+        if self._address_family == _AF_UNIX and relay.mode != _UNIX_COPY.mode:
+            self._unix = True
             relay = _UNIX_COPY
         self._running = relay.start(self.loop, client, backend, first[sent:] if sent else first,
                                     self.policy.limits.idle_timeout, self._relay_done, sent, ticket)

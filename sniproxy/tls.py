@@ -153,6 +153,11 @@ class NeedData:
 NEED_DATA = NeedData()
 
 
+# The first 9 bytes of a hello in one record: content type, version major (minor skipped), record
+# length; handshake type, its 24-bit length as a high byte and a low 16 bits.
+_RECORD_AND_HANDSHAKE_HEAD = struct.Struct(">BBxHBBH").unpack_from
+
+
 class ClientHelloReader:
     """Feed it the client's bytes as they arrive; it answers once the ClientHello is complete.
 
@@ -198,12 +203,14 @@ class ClientHelloReader:
         """The fast path: the first bytes hold one record that is exactly one well-formed ClientHello
         (what every client sends in one segment). None for anything else, including anything
         malformed: the general path then takes the same bytes and says exactly what is wrong."""
-        if len(data) < 9 or data[0] != _CONTENT_TYPE_HANDSHAKE or data[1] != 3 or data[5] != _HANDSHAKE_CLIENT_HELLO:
+        if len(data) < 9:
             return None
-        record_end = 5 + (data[3] << 8 | data[4])
-        length = data[6] << 16 | data[7] << 8 | data[8]
-        if record_end > len(data) or record_end - 9 != length or length > self._max_size \
-                or record_end - 5 > _MAX_PLAINTEXT_RECORD:
+        content, major, record, handshake, length_high, length_low = _RECORD_AND_HANDSHAKE_HEAD(data)
+        record_end = 5 + record
+        length = length_high << 16 | length_low
+        if content != _CONTENT_TYPE_HANDSHAKE or major != 3 or handshake != _HANDSHAKE_CLIENT_HELLO \
+                or record_end > len(data) or record_end - 9 != length or length > self._max_size \
+                or record > _MAX_PLAINTEXT_RECORD:
             return None
         found = _scan_client_hello(data, 9, record_end)
         if found is None:
@@ -409,12 +416,15 @@ def _scan_client_hello(b: bytes, pos: int, end: int) -> tuple[int, tuple[int, in
             None if alpn is None else (alpn + 4, alpn + 4 + (b[alpn + 2] << 8 | b[alpn + 3])))
 
 
+_SERVER_NAME_HEAD = struct.Struct(">HBH").unpack_from  # list length, name type, name length
+
+
 def _fast_server_name(b: bytes, pos: int, end: int) -> bytes | None:
     """The one host_name of a server_name extension b[pos:end], or None if it is anything else."""
-    if end - pos < 5 or (b[pos] << 8 | b[pos + 1]) != end - pos - 2 or b[pos + 2] != _SNI_HOST_NAME:
+    if end - pos < 5:
         return None
-    length = b[pos + 3] << 8 | b[pos + 4]
-    if length == 0 or pos + 5 + length != end:
+    listed, kind, length = _SERVER_NAME_HEAD(b, pos)
+    if listed != end - pos - 2 or kind != _SNI_HOST_NAME or length == 0 or pos + 5 + length != end:
         return None
     return b[pos + 5:end]
 

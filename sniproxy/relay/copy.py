@@ -102,10 +102,10 @@ class Flow:
     __slots__ = ("name", "src", "dst", "src_fd", "dst_fd", "pending", "moved", "eof", "shut",
                  "reading", "writing", "fin_sent")
 
-    def __init__(self, name: str, src: socket.socket, dst: socket.socket) -> None:
+    def __init__(self, name: str, src: socket.socket, dst: socket.socket, src_fd: int, dst_fd: int) -> None:
         self.name = name
         self.src, self.dst = src, dst
-        self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
+        self.src_fd, self.dst_fd = src_fd, dst_fd
         self.pending: memoryview | None = None  # read from src, not yet written to dst
         self.moved = 0  # bytes read from src (and the ClientHello for the client's flow)
         self.eof = False  # src sent its FIN
@@ -139,8 +139,9 @@ class CopyPhase:
         self.loop = loop
         self.poller = Poller.of(loop)
         self.client, self.backend = client, backend
-        self.up = Flow("client", client, backend)
-        self.down = Flow("backend", backend, client)
+        client_fd, backend_fd = client.fileno(), backend.fileno()
+        self.up = Flow("client", client, backend, client_fd, backend_fd)
+        self.down = Flow("backend", backend, client, backend_fd, client_fd)
         self.idle_timeout = idle_timeout
         self.handoff_at = handoff_at  # None: never
         self.handoff_wanted = False
@@ -229,7 +230,7 @@ class CopyPhase:
                 self._shut(flow)
             self._check_end()
             if not self.closed:
-                self._update(flow.src_fd)  # stop reading it (unless everything just closed: no call)
+                self._update(flow)  # stop reading it (unless everything just closed: no call)
             if self.handoff_wanted:
                 self._cancel_handoff()
             return
@@ -278,24 +279,26 @@ class CopyPhase:
     def _start_reading(self, flow: Flow) -> None:
         if not flow.reading and not self.closed:
             flow.reading = True
-            self._update(flow.src_fd)
+            self._update(flow)
 
     def _stop_reading(self, flow: Flow) -> None:
         if flow.reading:
             flow.reading = False
-            self._update(flow.src_fd)
+            self._update(flow)
 
     def _set_writing(self, flow: Flow, on: bool) -> None:
         if flow.writing != on:
             flow.writing = on
-            self._update(flow.dst_fd)
+            self._update(self.down if flow is self.up else self.up)  # the flow reading flow.dst
 
-    def _update(self, fd: int) -> None:
-        """The epoll interest of one socket: reading its flow, writing the other flow into it."""
-        src, into = (self.up, self.down) if fd == self.up.src_fd else (self.down, self.up)
+    def _update(self, src: Flow) -> None:
+        """The epoll interest of the socket src reads: reading src, writing the other flow into it."""
+        into = self.down if src is self.up else self.up
         mask = (_IN if src.reading else 0) | (_OUT if into.writing else 0)
-        if mask or fd in self.poller.handlers:
-            self.poller.set(fd, mask, self._on_event)
+        fd = src.src_fd
+        poller = self.poller
+        if mask or fd in poller.handlers:
+            poller.set(fd, mask, self._on_event)
 
     def _on_event(self, fd: int, events: int) -> None:
         src, into = (self.up, self.down) if fd == self.up.src_fd else (self.down, self.up)
