@@ -175,7 +175,7 @@ class Connection:
     _addresses: list[Any] | tuple[()] = ()
     _address_index = 0
     _address_errors: list[str] | tuple[()] = ()
-    _target_deadline = 0.0
+    _target_deadline: float | None = None  # this target's share ends: set at its first wait
     _connecting: socket.socket | None = None
     _first: bytes | None = None
     _deadline = 0.0  # of the hello (or request head), loop time
@@ -661,7 +661,9 @@ class Connection:
         self._address_family = family  # AF_UNIX, or 0: by the address
         self._port = port
         self._unix_label = unix_label
-        self._target_deadline = self._share(len(self._targets) - self._target_index)
+        # Its share of the connect_timeout is computed when a connect first has to wait: most
+        # complete inside connect() (loopback) or fail at once, and then no clock is read.
+        self._target_deadline = None
         self._connect_next()
 
     def _address_failed(self, why: str) -> None:
@@ -725,8 +727,11 @@ class Connection:
             self._connecting = sock
             self._watch(sock, _OUT, self._on_connect_event)
             # This address's share of the time left for the target: the rest is for the ones after it.
+            target_deadline = self._target_deadline
+            if target_deadline is None:
+                target_deadline = self._target_deadline = self._share(len(self._targets) - self._target_index)
             now = self.loop.time()
-            self._set_timer(now + (self._target_deadline - now) / (len(self._addresses) - index),
+            self._set_timer(now + (target_deadline - now) / (len(self._addresses) - index),
                             self._connect_timeout)
             return
         except OSError as exc:

@@ -34,6 +34,7 @@ FINISHED = "finished"
 _IN, _OUT, _ERR = select.EPOLLIN | select.EPOLLRDHUP, select.EPOLLOUT, select.EPOLLERR | select.EPOLLHUP
 _RDHUP = select.EPOLLRDHUP
 _TCP_CLOSE = 7  # tcp_info.tcpi_state
+_SHUT_WR = socket.SHUT_WR
 
 
 class Poller:
@@ -134,6 +135,24 @@ class CopyPhase:
     """Copies until the end, or until a hand-off point (see module header). run() returns FINISHED
     (both sockets closed) or HANDOFF (both open, idle, every byte read so far written)."""
 
+    # Defaults as class attributes: one store each saved per connection (every one is replaced in
+    # an instance, never mutated).
+    handoff_wanted = False
+    outcome: Outcome | None = None
+    closed = False
+    on_end: Callable[[str], None] | None = None  # called once per start(): FINISHED or HANDOFF
+    _idle: asyncio.TimerHandle | None = None
+    _reset_side: str | None = None
+    # Bytes that bypass this engine (the local-backend short-circuit) still count as activity:
+    # returns their last time.monotonic(), or None.
+    activity: Callable[[], float | None] | None = None
+    # Called once just before the sockets are closed (the short-circuit reads the client's
+    # counters there).
+    on_close: Callable[[], None] | None = None
+    # A socket that another sender also writes to (the client's, under the short-circuit's
+    # redirect): a reset of it may have been consumed by that sender, so its EOF is checked.
+    shared_sender: socket.socket | None = None
+
     def __init__(self, loop: asyncio.AbstractEventLoop, client: socket.socket, backend: socket.socket,
                  idle_timeout: float, handoff_at: int | None) -> None:
         self.loop = loop
@@ -144,22 +163,7 @@ class CopyPhase:
         self.down = Flow("backend", backend, client, backend_fd, client_fd)
         self.idle_timeout = idle_timeout
         self.handoff_at = handoff_at  # None: never
-        self.handoff_wanted = False
-        self.outcome: Outcome | None = None
-        self.closed = False
         self.last_activity = time.monotonic()
-        self.on_end: Callable[[str], None] | None = None  # called once per start(): FINISHED or HANDOFF
-        self._idle: asyncio.TimerHandle | None = None
-        self._reset_side: str | None = None
-        # Bytes that bypass this engine (the local-backend short-circuit) still count as activity:
-        # returns their last time.monotonic(), or None.
-        self.activity: Callable[[], float | None] | None = None
-        # Called once just before the sockets are closed (the short-circuit reads the client's
-        # counters there).
-        self.on_close: Callable[[], None] | None = None
-        # A socket that another sender also writes to (the client's, under the short-circuit's
-        # redirect): a reset of it may have been consumed by that sender, so its EOF is checked.
-        self.shared_sender: socket.socket | None = None
 
     # -- running -----------------------------------------------------------------------------------
     def start(self, on_end: Callable[[str], None], first: bytes = b"", sent: int = 0) -> None:
@@ -319,9 +323,11 @@ class CopyPhase:
             # The last direction: close() follows at once (_check_end) and sends this FIN itself;
             # nothing is unread on that socket (its EOF was read), so it is a FIN, not a reset.
             return
-        with contextlib.suppress(OSError):
-            flow.dst.shutdown(socket.SHUT_WR)
+        try:  # not contextlib.suppress: this runs for every connection, and a try costs nothing
+            flow.dst.shutdown(_SHUT_WR)
             flow.fin_sent = True
+        except OSError:
+            pass
 
     # -- hand-off ----------------------------------------------------------------------------------
     def _want_handoff(self) -> None:

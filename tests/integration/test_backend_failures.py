@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 
 import pytest
@@ -51,3 +52,32 @@ async def test_unresolvable_dynamic_backend_closes_the_client(proxy, dns):
     (event,) = await proxy.access()
     assert event["outcome"] == "resolve_failed" and "nxdomain" in event["reason"]
     assert dns.count("nowhere.test") >= 1
+
+
+async def test_a_black_hole_address_gets_its_share_of_connect_timeout_then_the_next_serves(ca, dns, start_proxy):
+    """A backend name with two addresses, the first a black hole (its SYNs are dropped): the proxy
+    gives it up after its share of connect_timeout (half: two addresses), and the second serves the
+    client. A loopback black hole: a listener whose accept queue is full drops every further SYN."""
+    good = await TlsBackend("app", server_context(ca, "app.test"), host="127.0.0.3").start()
+    hole = socket.socket()
+    filler = socket.socket()
+    try:
+        hole.bind(("127.0.0.2", good.port))
+        hole.listen(0)
+        filler.connect(("127.0.0.2", good.port))  # the queue's one place, never accepted
+        dns.add("pair.test", ["127.0.0.2", "127.0.0.3"])
+        port = free_port()
+        proxy = start_proxy(configs.listener(f"127.0.0.1:{port}")
+                            + configs.table("default", [("app.test", f"pair.test:{good.port}")])
+                            + configs.common(dns.address, limits={"connect_timeout": 2.0}))
+        started = time.monotonic()
+        assert await who("127.0.0.1", port, "app.test", client_context(ca)) == "backend=app alpn=None"
+        took = time.monotonic() - started
+        (event,) = await proxy.access()
+        assert event["outcome"] == "closed" and event["backend"] == f"127.0.0.3:{good.port}", event
+        # The black hole's share (1 s of 2), then the good address at once: not the whole timeout.
+        assert 0.9 <= event["duration_ms"] / 1000 <= took < 1.9, (event, took)
+    finally:
+        filler.close()
+        hole.close()
+        await good.close()
