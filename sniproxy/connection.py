@@ -451,11 +451,16 @@ class Connection:
 
     def _hello_done(self) -> None:
         self._cancel_timer()
-        if self._client_watched:
-            # Unwatched, still registered: the relay watches it again with one epoll_ctl.
-            assert self.client is not None
-            self._watch(self.client, 0, self._on_quiet_event)
         self._reader = None
+
+    def _quiet_client(self) -> None:
+        """Before a wait (a DNS query, a connect in progress): a client watched for its hello is no
+        longer read, or a level-triggered epoll would report its next bytes over and over. It stays
+        registered: the relay watches it again with one epoll_ctl. Not done when the hello is
+        complete: a connection that relays in the same callback keeps its mask, which is the one
+        the relay wants, and no epoll_ctl is made at all."""
+        if self._client_watched and self.client is not None:
+            self._watch(self.client, 0, self._on_quiet_event)
 
     def _on_quiet_event(self, fd: int, events: int) -> None:
         # A socket registered with no interest reports only ERR/HUP, and level-triggered: stop
@@ -611,6 +616,7 @@ class Connection:
         except ResolveError as exc:
             raise _Rejected("resolve_failed", str(exc)) from None
         if addresses is None:
+            self._quiet_client()
             self._spawn(self._resolve_slowly(target))
             return
         self._resolved(target, addresses)
@@ -725,6 +731,7 @@ class Connection:
             sent = sock.send(self._first_bytes())
         except (BlockingIOError, InterruptedError):
             self._connecting = sock
+            self._quiet_client()
             self._watch(sock, _OUT, self._on_connect_event)
             # This address's share of the time left for the target: the rest is for the ones after it.
             target_deadline = self._target_deadline

@@ -11,6 +11,7 @@ import pytest
 from tests.conftest import free_port
 from tests.support import configs
 from tests.support.backends import TlsBackend, client_context, real_client_hello, server_context, who
+from tests.support.procstat import cpu_seconds
 
 
 @pytest.fixture
@@ -81,3 +82,71 @@ async def test_a_black_hole_address_gets_its_share_of_connect_timeout_then_the_n
         filler.close()
         hole.close()
         await good.close()
+
+
+def _busy(pid: int, seconds: float) -> float:
+    """The share of one CPU the process used over the next `seconds` (blocking: call in a thread)."""
+    cpu, wall = cpu_seconds(pid), time.monotonic()
+    time.sleep(seconds)
+    return (cpu_seconds(pid) - cpu) / (time.monotonic() - wall)
+
+
+async def test_bytes_after_the_hello_wait_unread_while_the_backend_is_slow(ca, dns, start_proxy):
+    """A client sends its hello and more at once; the proxy then waits, first for a DNS server that
+    does not answer, then (another connection) for a connect to a black hole. Its epoll is level-
+    triggered: while it waits it must not be woken again and again by the unread bytes (it would spin
+    at 100% CPU); once connected, every byte reaches the backend, in order."""
+    received: list[bytes] = []
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.append(await reader.read())
+        writer.close()
+
+    good = await asyncio.start_server(record, "127.0.0.3", 0)
+    backend_port = good.sockets[0].getsockname()[1]
+    hole, filler = socket.socket(), socket.socket()
+    try:
+        hole.bind(("127.0.0.2", backend_port))
+        hole.listen(0)
+        filler.connect(("127.0.0.2", backend_port))  # the queue's one place: further SYNs are dropped
+        dns.add("pair.test", ["127.0.0.2", "127.0.0.3"])
+        port = free_port()
+        proxy = start_proxy(configs.listener(f"127.0.0.1:{port}")
+                            + configs.table("default", [("app.test", f"pair.test:{backend_port}"),
+                                                        ("mute.test", f"mute.test:{backend_port}")])
+                            + configs.common(dns.address, limits={"connect_timeout": 4.0}))
+        extra = bytes(range(256)) * 64
+
+        sent: list[bytes] = []
+
+        async def send(sni: str) -> asyncio.StreamWriter:
+            _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            sent.append(real_client_hello(sni) + extra)
+            writer.write(sent[-1])
+            await writer.drain()
+            return writer
+
+        # The DNS server drops every query: the resolver waits its 1 s timeout, then gives up.
+        dns.silent = True
+        writer = await send("mute.test")
+        await asyncio.sleep(0.2)
+        busy = await asyncio.to_thread(_busy, proxy.proc.pid, 0.6)
+        assert busy < 0.3, f"the proxy spins at {busy:.0%} CPU while a DNS query is out"
+        (event,) = await proxy.access()
+        assert event["outcome"] == "resolve_failed", event
+        writer.close()
+        dns.silent = False
+
+        # The black hole's share of connect_timeout (2 s of 4), then the good address serves.
+        writer = await send("app.test")
+        await asyncio.sleep(0.3)
+        busy = await asyncio.to_thread(_busy, proxy.proc.pid, 1.0)
+        assert busy < 0.3, f"the proxy spins at {busy:.0%} CPU while a connect is in progress"
+        writer.write_eof()
+        (event,) = (await proxy.access(count=2))[1:]
+        assert event["outcome"] == "closed" and event["backend"] == f"127.0.0.3:{backend_port}", event
+        assert received == [sent[-1]]
+    finally:
+        filler.close()
+        hole.close()
+        good.close()
