@@ -128,17 +128,7 @@ class WorkerSockets:
         new = [lst for lst in listeners if listener_name(lst) not in self._sockets]
         wanted = {listener_name(lst) for lst in listeners}
         removed = [name for name in self._sockets if name not in wanted]
-        bound: dict[str, socket.socket] = {}
-        try:
-            for listener in new:
-                try:
-                    bound[listener_name(listener)] = bind_listener(listener)
-                except OSError as exc:
-                    raise ListenerError(_why(listener, exc)) from None
-        except BaseException:
-            for sock in bound.values():
-                sock.close()
-            raise
+        bound = dict(zip((listener_name(lst) for lst in new), LocalBinder().acquire(new), strict=True))
         for name in removed:
             self._sockets.pop(name).close()
         merged = {**self._sockets, **bound}

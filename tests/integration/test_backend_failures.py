@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -55,34 +57,37 @@ async def test_unresolvable_dynamic_backend_closes_the_client(proxy, dns):
     assert dns.count("nowhere.test") >= 1
 
 
+@contextlib.contextmanager
+def black_hole(host: str, port: int) -> Iterator[None]:
+    """A loopback address that drops every SYN: a listener whose accept queue (one place) is full."""
+    with socket.socket() as hole, socket.socket() as filler:
+        hole.bind((host, port))
+        hole.listen(0)
+        filler.connect((host, port))  # takes the queue's one place, never accepted
+        yield
+
+
 async def test_a_black_hole_address_gets_its_share_of_connect_timeout_then_the_next_serves(ca, dns, start_proxy):
     """A backend name with two addresses, the first a black hole (its SYNs are dropped): the proxy
     gives it up after its share of connect_timeout (half: two addresses), and the second serves the
     client. A loopback black hole: a listener whose accept queue is full drops every further SYN."""
     good = await TlsBackend("app", server_context(ca, "app.test"), host="127.0.0.3").start()
-    hole = socket.socket()
-    filler = socket.socket()
     try:
-        hole.bind(("127.0.0.2", good.port))
-        hole.listen(0)
-        filler.connect(("127.0.0.2", good.port))  # the queue's one place, never accepted
-        dns.add("pair.test", ["127.0.0.2", "127.0.0.3"])
-        port = free_port()
-        proxy = start_proxy(configs.listener(f"127.0.0.1:{port}")
-                            + configs.table("default", [("app.test", f"pair.test:{good.port}")])
-                            + configs.common(dns.address, limits={"connect_timeout": 2.0}))
-        started = time.monotonic()
-        assert await who("127.0.0.1", port, "app.test", client_context(ca)) == "backend=app alpn=None"
-        took = time.monotonic() - started
-        (event,) = await proxy.access()
-        assert event["outcome"] == "closed" and event["backend"] == f"127.0.0.3:{good.port}", event
-        # The black hole's share (1 s of 2), then the good address at once: not the whole timeout.
-        assert 0.9 <= event["duration_ms"] / 1000 <= took < 1.9, (event, took)
+        with black_hole("127.0.0.2", good.port):
+            dns.add("pair.test", ["127.0.0.2", "127.0.0.3"])
+            port = free_port()
+            proxy = start_proxy(configs.listener(f"127.0.0.1:{port}")
+                                + configs.table("default", [("app.test", f"pair.test:{good.port}")])
+                                + configs.common(dns.address, limits={"connect_timeout": 2.0}))
+            started = time.monotonic()
+            assert await who("127.0.0.1", port, "app.test", client_context(ca)) == "backend=app alpn=None"
+            took = time.monotonic() - started
+            (event,) = await proxy.access()
+            assert event["outcome"] == "closed" and event["backend"] == f"127.0.0.3:{good.port}", event
+            # The black hole's share (1 s of 2), then the good address at once: not the whole timeout.
+            assert 0.9 <= event["duration_ms"] / 1000 <= took < 1.9, (event, took)
     finally:
-        filler.close()
-        hole.close()
         await good.close()
-
 
 def _busy(pid: int, seconds: float) -> float:
     """The share of one CPU the process used over the next `seconds` (blocking: call in a thread)."""
@@ -104,49 +109,44 @@ async def test_bytes_after_the_hello_wait_unread_while_the_backend_is_slow(ca, d
 
     good = await asyncio.start_server(record, "127.0.0.3", 0)
     backend_port = good.sockets[0].getsockname()[1]
-    hole, filler = socket.socket(), socket.socket()
     try:
-        hole.bind(("127.0.0.2", backend_port))
-        hole.listen(0)
-        filler.connect(("127.0.0.2", backend_port))  # the queue's one place: further SYNs are dropped
-        dns.add("pair.test", ["127.0.0.2", "127.0.0.3"])
-        port = free_port()
-        proxy = start_proxy(configs.listener(f"127.0.0.1:{port}")
-                            + configs.table("default", [("app.test", f"pair.test:{backend_port}"),
-                                                        ("mute.test", f"mute.test:{backend_port}")])
-                            + configs.common(dns.address, limits={"connect_timeout": 4.0}))
-        extra = bytes(range(256)) * 64
+        with black_hole("127.0.0.2", backend_port):
+            dns.add("pair.test", ["127.0.0.2", "127.0.0.3"])
+            port = free_port()
+            proxy = start_proxy(configs.listener(f"127.0.0.1:{port}")
+                                + configs.table("default", [("app.test", f"pair.test:{backend_port}"),
+                                                            ("mute.test", f"mute.test:{backend_port}")])
+                                + configs.common(dns.address, limits={"connect_timeout": 4.0}))
+            extra = bytes(range(256)) * 64
 
-        sent: list[bytes] = []
+            sent: list[bytes] = []
 
-        async def send(sni: str) -> asyncio.StreamWriter:
-            _reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            sent.append(real_client_hello(sni) + extra)
-            writer.write(sent[-1])
-            await writer.drain()
-            return writer
+            async def send(sni: str) -> asyncio.StreamWriter:
+                _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                sent.append(real_client_hello(sni) + extra)
+                writer.write(sent[-1])
+                await writer.drain()
+                return writer
 
-        # The DNS server drops every query: the resolver waits its 1 s timeout, then gives up.
-        dns.silent = True
-        writer = await send("mute.test")
-        await asyncio.sleep(0.2)
-        busy = await asyncio.to_thread(_busy, proxy.proc.pid, 0.6)
-        assert busy < 0.3, f"the proxy spins at {busy:.0%} CPU while a DNS query is out"
-        (event,) = await proxy.access()
-        assert event["outcome"] == "resolve_failed", event
-        writer.close()
-        dns.silent = False
+            # The DNS server drops every query: the resolver waits its 1 s timeout, then gives up.
+            dns.silent = True
+            writer = await send("mute.test")
+            await asyncio.sleep(0.2)
+            busy = await asyncio.to_thread(_busy, proxy.proc.pid, 0.6)
+            assert busy < 0.3, f"the proxy spins at {busy:.0%} CPU while a DNS query is out"
+            (event,) = await proxy.access()
+            assert event["outcome"] == "resolve_failed", event
+            writer.close()
+            dns.silent = False
 
-        # The black hole's share of connect_timeout (2 s of 4), then the good address serves.
-        writer = await send("app.test")
-        await asyncio.sleep(0.3)
-        busy = await asyncio.to_thread(_busy, proxy.proc.pid, 1.0)
-        assert busy < 0.3, f"the proxy spins at {busy:.0%} CPU while a connect is in progress"
-        writer.write_eof()
-        (event,) = (await proxy.access(count=2))[1:]
-        assert event["outcome"] == "closed" and event["backend"] == f"127.0.0.3:{backend_port}", event
-        assert received == [sent[-1]]
+            # The black hole's share of connect_timeout (2 s of 4), then the good address serves.
+            writer = await send("app.test")
+            await asyncio.sleep(0.3)
+            busy = await asyncio.to_thread(_busy, proxy.proc.pid, 1.0)
+            assert busy < 0.3, f"the proxy spins at {busy:.0%} CPU while a connect is in progress"
+            writer.write_eof()
+            (event,) = (await proxy.access(count=2))[1:]
+            assert event["outcome"] == "closed" and event["backend"] == f"127.0.0.3:{backend_port}", event
+            assert received == [sent[-1]]
     finally:
-        filler.close()
-        hole.close()
         good.close()
