@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Only the connection-rate workload of `make bench`, against ONE process of this proxy.
+"""Only the connection-rate workload of `make bench`, against ONE process of this proxy (with
+`--workers auto`, its workers as `make bench` runs them).
 
 For profiling and trimming the per-connection path: the same C load generator and sink, the same
 config as bench/run_all.py (access log off unless --access-log), in copy and/or splice mode. Prints
@@ -40,8 +41,9 @@ def log(msg: str) -> None:
 
 class _Ours(peers.Ours):
     def __init__(self, splice: bool, access_log: bool, cprofile: Path | None = None,
-                 tree: Path | None = None, opcount: Path | None = None) -> None:
-        super().__init__(splice, None)
+                 tree: Path | None = None, opcount: Path | None = None, workers: str = "1") -> None:
+        # [server] workers as `make bench` writes it; "1": no [server] table, one process.
+        super().__init__(splice, None if workers == "1" else f'[server]\nworkers = {_toml_workers(workers)}\n\n')
         self.access_log = access_log
         self.cprofile = cprofile
         self.tree = tree
@@ -66,6 +68,10 @@ class _Ours(peers.Ours):
             # Deterministic: call counts per connection (the times are inflated by the profiler).
             argv = [argv[0], "-m", "cProfile", "-o", str(self.cprofile), *argv[1:]]
         return argv
+
+
+def _toml_workers(workers: str) -> str:
+    return f'"{workers}"' if workers == "auto" else str(int(workers))
 
 
 def _pyspy() -> str:
@@ -115,6 +121,16 @@ def _short(frame: str) -> str:
     return f"{name} ({os.path.basename(file)})" if file else name
 
 
+def _target(mode: str, args: argparse.Namespace, tree: Path | None) -> peers.Target:
+    """What a mode runs: ours (copy, splice), the Python floor, or nginx (its own defaults: a worker
+    per CPU; beside ours for the system calls and perf rounds)."""
+    if mode == "floor":
+        return peers.PythonFloor(1)
+    if mode == "nginx":
+        return peers.Nginx(16)
+    return _Ours(mode == "splice", args.access_log, tree=tree, workers=args.workers)
+
+
 def _user_sys(pids: list[int]) -> tuple[float, float]:
     """(user, system) CPU seconds of these processes, all threads."""
     user = system = 0
@@ -127,23 +143,42 @@ def _user_sys(pids: list[int]) -> tuple[float, float]:
     return user / procs.CLK_TCK, system / procs.CLK_TCK
 
 
+def _switches(pids: list[int]) -> tuple[int, int]:
+    """(voluntary, involuntary) context switches of these processes, all threads."""
+    counts = [0, 0]
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/status") as f:
+                    for line in f:
+                        if line.startswith("voluntary_ctxt_switches:"):
+                            counts[0] += int(line.split()[1])
+                        elif line.startswith("nonvoluntary_ctxt_switches:"):
+                            counts[1] += int(line.split()[1])
+    return counts[0], counts[1]
+
+
 def _one_rate(bench: workloads.Bench, backends: dict[str, int], workdir: Path, mode: str,
               args: argparse.Namespace, tree: Path | None) -> dict[str, Any]:
-    target = peers.PythonFloor(1) if mode == "floor" else _Ours(mode == "splice", args.access_log, tree=tree)
+    target = _target(mode, args, tree)
     workdir.mkdir()
     try:
         target.start(workdir, backends, 1000)
-        if mode != "floor" and target.relay_mode != mode:
+        if mode in ("copy", "splice") and target.relay_mode != mode:
             raise SystemExit(f"connrate: asked for {mode}, the proxy runs {target.relay_mode}: {target.notes}")
         workloads.warm_up(bench, target)
-        before = _user_sys(target.pids())
+        before, switches_before = _user_sys(target.pids()), _switches(target.pids())
         r = workloads.rate(bench, target, args.seconds, args.clients, args.threads)
-        after = _user_sys(target.pids())
+        after, switches_after = _user_sys(target.pids()), _switches(target.pids())
     finally:
         target.stop()
     ok = r["ok"] or 1
     r["proxy_user_us_per_conn"] = (after[0] - before[0]) / ok * 1e6
     r["proxy_sys_us_per_conn"] = (after[1] - before[1]) / ok * 1e6
+    # A sleep and a wake-up each time a process finds nothing to do (voluntary), a preemption by a
+    # woken client or sink on the same CPU (involuntary): on a VM each costs microseconds.
+    r["switches_per_conn"] = ((switches_after[0] - switches_before[0]) / ok,
+                              (switches_after[1] - switches_before[1]) / ok)
     return r
 
 
@@ -152,7 +187,7 @@ def rate_watched(bench: workloads.Bench, backends: dict[str, int], workdir: Path
     """One rate round of a fresh proxy with a tool attached to it (py-spy, strace, perf):
     tool(target) gives the tool's argv; it is stopped with SIGINT (so it writes its output) before
     the proxy stops. The rate workload's result."""
-    target = _Ours(mode == "splice", args.access_log)
+    target = _target(mode, args, None)
     workdir.mkdir()
     try:
         target.start(workdir, backends, 1000)
@@ -185,12 +220,14 @@ def run_mode(bench: workloads.Bench, backends: dict[str, int], tmp: Path, mode: 
             log(f"  {mode} rep {rep} BASE: {b['conns_per_s']:.0f} conns/s, p50 {b['p50_us']:.0f} us, "
                 f"p99 {b['p99_us']:.0f} us, proxy {b['proxy_us_per_conn']:.0f} us/conn "
                 f"(user {b['proxy_user_us_per_conn']:.0f}, sys {b['proxy_sys_us_per_conn']:.0f}), "
+                f"switches {b['switches_per_conn'][0]:.2f}+{b['switches_per_conn'][1]:.2f}/conn, "
                 f"others {b['cpu']['others_pct']:.0f}%")
         r = _one_rate(bench, backends, tmp / f"{mode}-{rep}", mode, args, None)
         results.append(r)
         log(f"  {mode} rep {rep}: {r['conns_per_s']:.0f} conns/s, p50 {r['p50_us']:.0f} us, "
             f"p99 {r['p99_us']:.0f} us, proxy {r['proxy_us_per_conn']:.0f} us/conn "
             f"(user {r['proxy_user_us_per_conn']:.0f}, sys {r['proxy_sys_us_per_conn']:.0f}), "
+            f"switches {r['switches_per_conn'][0]:.2f}+{r['switches_per_conn'][1]:.2f}/conn, "
             f"errors {r['errors']}, others {r['cpu']['others_pct']:.0f}%")
     if args.profile:
         out = args.profile / f"{mode}.txt"
@@ -229,7 +266,8 @@ def syscall_counts(bench: workloads.Bench, backends: dict[str, int], tmp: Path, 
     the proxy down a lot: only the counts mean something, not the times)."""
     out = tmp / f"{mode}-strace.txt"
     r = rate_watched(bench, backends, tmp / f"{mode}-strace", mode, args,
-                     lambda target: ["strace", "-c", "-f", "-o", str(out), "-p", str(target.proc.pid)])
+                     lambda target: ["strace", "-c", "-f", "-o", str(out),
+                                     *(f"-p{pid}" for pid in target.pids())])  # -f follows no earlier fork
     ok = r["ok"] or 1
     log(f"  {mode} system calls per connection ({r['ok']} connections under strace):")
     for line in out.read_text().splitlines():
@@ -330,12 +368,15 @@ def cprofile(bench: workloads.Bench, backends: dict[str, int], tmp: Path, mode: 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--modes", default="copy,splice", help="comma-separated: copy, splice, floor (bench/floor_proxy.py, one process)")
+    p.add_argument("--modes", default="copy,splice", help="comma-separated: copy, splice, floor (bench/floor_proxy.py, one process), "
+                   "nginx (worker_processes auto)")
     p.add_argument("--reps", type=int, default=3, help="repetitions per mode; the best is reported")
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--access-log", action="store_true", help="log one access event per connection")
+    p.add_argument("--workers", default="1",
+                   help='[server] workers of our proxy: 1 (one process, the default) or "auto" as `make bench`')
     p.add_argument("--profile", type=Path, help="directory for py-spy profiles (one extra round per mode)")
     p.add_argument("--no-native", action="store_true",
                    help="py-spy without --native: does not pause the proxy to unwind C stacks (less skew)")
