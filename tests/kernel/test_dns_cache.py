@@ -28,6 +28,7 @@ from sniproxy.resolver import Resolver
 from tests.conftest import free_port
 from tests.support import configs
 from tests.support.backends import TlsBackend, client_context, server_context, who
+from tests.support.pins import remove_pin_dir
 from tests.support.proxyproc import REPO
 
 BOTH = QUERIED_A | QUERIED_AAAA
@@ -39,10 +40,7 @@ def pin_dir() -> Iterator[str]:
     assert probe().available, f"kernel data plane unavailable here: {probe().reason}"
     path = f"/sys/fs/bpf/sniproxy-test-dns-{os.getpid()}-{next(_dirs)}"
     yield path
-    if os.path.isdir(path):
-        for name in os.listdir(path):  # this directory is the test's own: whatever is in it goes
-            os.unlink(os.path.join(path, name))
-        os.rmdir(path)
+    remove_pin_dir(path)
     assert not os.path.exists(path)
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from sniproxy import stats
 from tests.conftest import free_port
+from tests.support.pins import remove_pin_dir
 from tests.support import configs
 from tests.support.backends import real_client_hello, tls_record_length
 from tests.support.proxyproc import REPO
@@ -44,12 +45,8 @@ async def _write(writer: asyncio.StreamWriter, data: bytes) -> None:
 def stats_pin_dir() -> Iterator[str]:
     path = f"/sys/fs/bpf/sniproxy-test-stats-{os.getpid()}"
     yield path
-    left = sorted(os.listdir(path)) if os.path.isdir(path) else []
     # dns_cache outlives the proxy on purpose (docs/configuration.md); this test's copy goes too.
-    for name in left:
-        os.unlink(os.path.join(path, name))
-    if os.path.isdir(path):
-        os.rmdir(path)
+    left = remove_pin_dir(path)
     assert set(left) <= {"dns_cache"}, f"the stopped proxy left {left} in {path}"
 
 

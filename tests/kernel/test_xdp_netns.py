@@ -11,7 +11,6 @@ to the CLI."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import errno
 import json
@@ -38,6 +37,7 @@ from sniproxy.kernel.xdp import PinnedAllowList, XdpAllowList, parse_network
 from tests.support.backends import TlsBackend, client_context, server_context
 from tests.support.configs import common, listener, table, toml_str
 from tests.support.netns import netns, sh
+from tests.support.pins import remove_pin_dir
 from tests.support.tun_peer import internet_checksum
 from tests.support.proxyproc import REPO, ProxyProcess
 
@@ -245,8 +245,10 @@ def topo(kernel_ok: None) -> Iterator[Topology]:
 
 
 @pytest.fixture(scope="module")
-def pin_dir() -> str:
-    return f"/sys/fs/bpf/sniproxy-test-xdpn-{os.getpid()}"
+def pin_dir() -> Iterator[str]:
+    path = f"/sys/fs/bpf/sniproxy-test-xdpn-{os.getpid()}"
+    yield path
+    remove_pin_dir(path)  # the proxy unpinned its maps (asserted in `proxy`), not the directory
 
 
 @pytest.fixture(scope="module")
@@ -519,11 +521,7 @@ def own_topo(kernel_ok: None) -> Iterator[Topology]:
 def own_pin() -> Iterator[str]:
     path = f"/sys/fs/bpf/sniproxy-test-xdpk-{os.getpid()}"
     yield path
-    for name in xdp.PINNED_MAPS:  # a SIGKILLed proxy cannot clean up after itself
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(path, name))
-    with contextlib.suppress(FileNotFoundError, OSError):
-        os.rmdir(path)
+    remove_pin_dir(path)  # a SIGKILLed proxy cannot clean up after itself
 
 
 def test_sigkill_leaves_no_filter_and_the_next_start_takes_over(own_topo: Topology, own_pin: str,
