@@ -167,9 +167,10 @@ def _one_rate(bench: workloads.Bench, backends: dict[str, int], workdir: Path, m
         if mode in ("copy", "splice") and target.relay_mode != mode:
             raise SystemExit(f"connrate: asked for {mode}, the proxy runs {target.relay_mode}: {target.notes}")
         workloads.warm_up(bench, target)
-        before, switches_before = _user_sys(target.pids()), _switches(target.pids())
+        pids = target.pids()
+        before, switches_before = _user_sys(pids), _switches(pids)
         r = workloads.rate(bench, target, args.seconds, args.clients, args.threads)
-        after, switches_after = _user_sys(target.pids()), _switches(target.pids())
+        after, switches_after = _user_sys(pids), _switches(pids)
     finally:
         target.stop()
     ok = r["ok"] or 1
@@ -208,6 +209,15 @@ def rate_watched(bench: workloads.Bench, backends: dict[str, int], workdir: Path
         target.stop()
 
 
+def _describe(r: dict[str, Any]) -> str:
+    """One rate round on one line."""
+    voluntary, involuntary = r["switches_per_conn"]
+    return (f"{r['conns_per_s']:.0f} conns/s, p50 {r['p50_us']:.0f} us, p99 {r['p99_us']:.0f} us, "
+            f"proxy {r['proxy_us_per_conn']:.0f} us/conn (user {r['proxy_user_us_per_conn']:.0f}, "
+            f"sys {r['proxy_sys_us_per_conn']:.0f}), switches {voluntary:.2f}+{involuntary:.2f}/conn, "
+            f"errors {r['errors']}, others {r['cpu']['others_pct']:.0f}%")
+
+
 def run_mode(bench: workloads.Bench, backends: dict[str, int], tmp: Path, mode: str,
              args: argparse.Namespace) -> dict[str, Any]:
     results = []
@@ -217,18 +227,10 @@ def run_mode(bench: workloads.Bench, backends: dict[str, int], tmp: Path, mode: 
             # Interleaved with the runs of this tree, so a noisy minute on a shared machine hits both.
             base.append(_one_rate(bench, backends, tmp / f"{mode}-{rep}-base", mode, args, args.compare))
             b = base[-1]
-            log(f"  {mode} rep {rep} BASE: {b['conns_per_s']:.0f} conns/s, p50 {b['p50_us']:.0f} us, "
-                f"p99 {b['p99_us']:.0f} us, proxy {b['proxy_us_per_conn']:.0f} us/conn "
-                f"(user {b['proxy_user_us_per_conn']:.0f}, sys {b['proxy_sys_us_per_conn']:.0f}), "
-                f"switches {b['switches_per_conn'][0]:.2f}+{b['switches_per_conn'][1]:.2f}/conn, "
-                f"others {b['cpu']['others_pct']:.0f}%")
+            log(f"  {mode} rep {rep} BASE: {_describe(b)}")
         r = _one_rate(bench, backends, tmp / f"{mode}-{rep}", mode, args, None)
         results.append(r)
-        log(f"  {mode} rep {rep}: {r['conns_per_s']:.0f} conns/s, p50 {r['p50_us']:.0f} us, "
-            f"p99 {r['p99_us']:.0f} us, proxy {r['proxy_us_per_conn']:.0f} us/conn "
-            f"(user {r['proxy_user_us_per_conn']:.0f}, sys {r['proxy_sys_us_per_conn']:.0f}), "
-            f"switches {r['switches_per_conn'][0]:.2f}+{r['switches_per_conn'][1]:.2f}/conn, "
-            f"errors {r['errors']}, others {r['cpu']['others_pct']:.0f}%")
+        log(f"  {mode} rep {rep}: {_describe(r)}")
     if args.profile:
         out = args.profile / f"{mode}.txt"
         rate_watched(bench, backends, tmp / f"{mode}-profile", mode, args, lambda target: [
